@@ -1,0 +1,54 @@
+"""What a component's factory receives: where the stage runs and how to build others."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.errors import UserError
+from rlhfkit.registry import ComponentRef, Registry
+
+
+@dataclass
+class StageContext:
+    """The run a component is built for.
+
+    Attributes:
+        registry: the component registry (build nested components with :meth:`build`).
+        stage: this stage's name.
+        stage_dir: this stage's directory inside the run directory.
+        seed: the run's seed (per-rank seeds are derived by the core).
+        exports: ``{earlier stage name: its exported model directory}``.
+        cache: per-run memo for expensive shared objects (e.g. a generated task), so
+            components that refer to the same thing share one instance.
+    """
+
+    registry: Registry
+    stage: str
+    stage_dir: Path
+    seed: int = 0
+    exports: dict[str, Path] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def build(self, reference: ComponentRef) -> Any:
+        """Build the component a (resolved) reference names."""
+        return self.registry.build(reference, self)
+
+    def export_of(self, stage: str) -> Path:
+        """The exported model directory of an earlier stage."""
+        try:
+            return self.exports[stage]
+        except KeyError:
+            known = ", ".join(self.exports) or "none"
+            raise UserError(
+                f"stage {self.stage!r} refers to stage {stage!r}, which has no exported model "
+                f"yet (finished earlier stages: {known}). List {stage!r} before {self.stage!r} "
+                f"in `stages:`."
+            ) from None
+
+    def shared(self, key: Any, make: Any) -> Any:
+        """Return ``cache[key]``, calling ``make()`` the first time."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
