@@ -36,7 +36,24 @@ from rlhfkit.ops import (
     whiten,
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
+from rlhfkit.recipe import Recipe, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, ref
+
+# The Lightning glue imports lightning; load it only when a plugin asks for it.
+_LAZY = {
+    name: "rlhfkit.training"
+    for name in ("gradient_sync", "log_now", "micro_batches", "optimizer_step", "rank_seed",
+                 "step_loader", "total_steps", "warmup_cosine", "atomic_write_text")
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rlhfkit' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -46,6 +63,7 @@ __all__ = [
     "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
     "RecipeError", "Registry", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
     "StageContext", "Task", "UserError", "entropy_from_logits", "hookimpl", "kl_estimate",
-    "load_plugins", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var",
+    "load_plugins", "load_recipe", "logprobs_from_logits", "Recipe", "StageRef", "TrainerSection",
+    *_LAZY, "masked_mean", "masked_sum", "masked_var",
     "masked_whiten", "ref", "whiten",
 ]

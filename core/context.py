@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import UserError
+from rlhfkit.recipe import TrainerSection
 from rlhfkit.registry import ComponentRef, Registry
 
 
@@ -20,6 +21,8 @@ class StageContext:
         stage_dir: this stage's directory inside the run directory.
         seed: the run's seed (per-rank seeds are derived by the core).
         exports: ``{earlier stage name: its exported model directory}``.
+        slots: the stage's filled component slots (resolved references).
+        trainer: the stage's ``trainer:`` section (batch sizes, steps, devices).
         cache: per-run memo for expensive shared objects (e.g. a generated task), so
             components that refer to the same thing share one instance.
     """
@@ -29,11 +32,22 @@ class StageContext:
     stage_dir: Path
     seed: int = 0
     exports: dict[str, Path] = field(default_factory=dict)
+    slots: dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
     cache: dict[Any, Any] = field(default_factory=dict)
 
     def build(self, reference: ComponentRef) -> Any:
         """Build the component a (resolved) reference names."""
         return self.registry.build(reference, self)
+
+    def component(self, slot: str) -> Any:
+        """Build what fills ``slot``: a component, a list (``many`` slots) or ``None``."""
+        value = self.slots.get(slot)
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [self.build(item) for item in value]
+        return self.build(value)
 
     def export_of(self, stage: str) -> Path:
         """The exported model directory of an earlier stage."""

@@ -1,0 +1,114 @@
+"""The ``rlhfkit`` command line: run, validate, plugins, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhfkit.errors import UserError
+from rlhfkit.plugin_manager import BLOCK_ENV, Plugins, load_plugins
+from rlhfkit.recipe import load_recipe, recipe_schema
+from rlhfkit.registry import KINDS
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit",
+        description="Align language models with feedback. Recipes are YAML; every component is a plugin.",
+    )
+    parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
+                        help=f"do not load this plugin (repeatable; also {BLOCK_ENV}=a,b)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe (finished stages are skipped, interrupted ones resume)")
+    run.add_argument("recipe", help="path to a YAML recipe")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+
+    validate = sub.add_parser("validate", help="check a recipe and report every problem")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    plugins = sub.add_parser("plugins", help="list installed components with their settings")
+    plugins.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of recipes (for editors)")
+    schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        plugins = load_plugins(block=args.block_plugin)
+        if args.command == "run":
+            from rlhfkit.runner import run_recipe  # torch/lightning only when running
+
+            recipe = load_recipe(args.recipe, plugins.registry, plugins.presets, args.overrides, plugins.hook)
+            run_recipe(recipe, plugins, console)
+        elif args.command == "validate":
+            recipe = load_recipe(args.recipe, plugins.registry, plugins.presets, args.overrides, plugins.hook)
+            stages = ", ".join(f"{s.name} ({s.algorithm.name})" for s in recipe.stages)
+            console.print(f"[green]ok[/]: {args.recipe} is valid; stages: {stages}; run directory {recipe.run_dir}")
+        elif args.command == "plugins":
+            show_plugins(plugins, args.kind, console)
+        elif args.command == "schema":
+            text = json.dumps(recipe_schema(plugins.registry), indent=2)
+            if args.output:
+                with open(args.output, "w") as handle:
+                    handle.write(text + "\n")
+            else:
+                print(text)
+    except UserError as exc:
+        _print_error(exc)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; re-run the same command to resume from the last checkpoint")
+        return 130
+    return 0
+
+
+def _print_error(exc: UserError) -> None:
+    err = Console(stderr=True, highlight=False)
+    err.print("[bold red]error:[/] ", end="")
+    err.print(str(exc), markup=False)
+
+
+def show_plugins(plugins: Plugins, kind: str | None, console: Console) -> None:
+    specs = plugins.registry.specs(kind)
+    if not specs:
+        console.print(f"no {kind or ''} components installed")
+        return
+    for spec in specs:
+        table = Table(title=f"{spec.kind} [bold]{spec.name}[/] — {spec.doc}", title_justify="left",
+                      caption=f"from {spec.where()}", caption_justify="left", show_edge=False)
+        table.add_column("setting")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("description")
+        for name, field in spec.config.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            table.add_row(field.alias or name, _type_name(field.annotation), default, field.description or "")
+        for slot_name, slot in spec.slots.items():
+            need = "required" if slot.required else "optional"
+            table.add_row(f"[slot] {slot_name}", slot.kind + ("[]" if slot.many else ""), need, slot.doc)
+        console.print(table)
+        console.print()
+    if plugins.presets and kind is None:
+        console.print("presets (use with extends: [preset:NAME]): " + ", ".join(sorted(plugins.presets)))
+
+
+def _type_name(annotation: object) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("rlhfkit.registry.", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Recipes: YAML (``safe_load``) validated by pydantic in two stages.
+
+Stage 1 checks the layout (``run:``, ``stages:``, each stage's ``algorithm:`` and
+``trainer:``). Stage 2 looks every component up in the registry and validates its
+settings against the component's own config model, nested references included. Every
+problem is collected and reported at once with its file, dotted path and a fix hint.
+
+Composition: ``extends:`` lists recipe files (relative to the recipe) and presets
+(``preset:NAME``) that are deep-merged first, in order, the recipe's own keys last;
+mappings merge, anything else (lists included) is replaced. ``key.path=value``
+overrides from the command line are applied last (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import core_schema
+
+from rlhfkit.errors import Problem, RecipeError, UserError
+from rlhfkit.registry import ComponentRef, Registry, ref
+
+COMMAND_LINE = "command line"
+
+
+class StageRef(str):
+    """A config value naming an earlier stage of the same recipe (e.g. ``from_stage``).
+
+    The recipe checks that it names a stage listed before the one that uses it.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
+
+
+# ----------------------------------------------------------------- the layout
+
+
+class RunSection(BaseModel):
+    """Where the run lives and how it is seeded."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="run name; the run directory defaults to runs/<name>")
+    dir: str | None = Field(None, description="run directory (relative to the working directory)")
+    seed: int = Field(0, description="base seed; rank r uses seed + 100003 * r (OpenAI detail)")
+
+
+class TrainerSection(BaseModel):
+    """How Lightning runs a stage, and the batch every algorithm optimises on.
+
+    ``batch_size`` is global: rows per optimizer step across all devices. Each device
+    runs forwards of ``micro_batch_size`` rows and accumulates
+    ``batch_size / (micro_batch_size * devices * num_nodes)`` of them per step.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    accelerator: str = Field("cpu", description="cpu | gpu | auto (Lightning accelerator)")
+    devices: int = Field(1, ge=1, description="devices per node")
+    num_nodes: int = Field(1, ge=1, description="number of nodes")
+    strategy: str = Field("auto", description="auto | ddp | fsdp | deepspeed_stage_2 | ... (Lightning strategy)")
+    precision: str = Field("32-true", description="32-true | bf16-mixed | bf16-true | 16-mixed")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides max_epochs")
+    max_epochs: float | None = Field(None, gt=0, description="passes over the training rows (may be fractional)")
+    batch_size: int = Field(32, ge=1, description="global rows per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="rows per device per forward")
+    gradient_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm to this (None: off)")
+    log_every_n_steps: int = Field(10, ge=1, description="write a metrics row every n steps")
+    checkpoint_every_n_steps: int = Field(50, ge=1, description="write the resumable checkpoint every n steps")
+    eval_every_n_steps: int | None = Field(None, ge=1, description="evaluate every n steps (None: start and end only)")
+    deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainerSection:
+        per_step = self.micro_batch_size * self.devices * self.num_nodes
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size x devices x "
+                f"num_nodes = {per_step}; pick batch_size = k * {per_step}"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.world_size)
+
+    def explain_batch(self) -> str:
+        return (f"global batch {self.batch_size} = {self.micro_batch_size} rows per micro-batch x "
+                f"{self.accumulation} accumulated x {self.world_size} device(s)")
+
+
+class _StageShell(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    algorithm: ref("algorithm")  # type: ignore[valid-type]
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+
+
+class _RecipeShell(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    extends: list[str] = Field(default_factory=list)
+    run: RunSection
+    stages: dict[str, _StageShell] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extends_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("extends"), str):
+            data = {**data, "extends": [data["extends"]]}
+        return data
+
+
+# -------------------------------------------------------------- the result
+
+
+@dataclass
+class Stage:
+    """One validated stage: its algorithm, filled slots and trainer settings."""
+
+    name: str
+    algorithm: ComponentRef
+    slots: dict[str, ComponentRef | list[ComponentRef] | None]
+    trainer: TrainerSection
+    raw: dict[str, Any]
+
+    def fingerprint(self) -> str:
+        """Hash of the stage's settings: a finished stage is re-run only if it changed."""
+        text = json.dumps(self.raw, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; ``data`` is the fully resolved mapping written to the run."""
+
+    path: Path
+    run: RunSection
+    stages: list[Stage]
+    data: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.data, sort_keys=False)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] | None = None,
+                overrides: list[str] = (), hook: Any = None) -> Recipe:
+    """Read, compose, override and validate a recipe; raise :class:`RecipeError` listing
+    every problem. ``hook`` is the plugin manager's hook relay (for cross-component checks)."""
+    path = Path(path)
+    data, origins = compose(path, presets or {})
+    problems: list[Problem] = []
+    for item in overrides:
+        try:
+            apply_override(data, item)
+            _record(origins, item.split("=", 1)[0], COMMAND_LINE)
+        except UserError as exc:
+            problems.append(Problem(COMMAND_LINE, item.split("=", 1)[0], str(exc)))
+    if problems:
+        raise RecipeError(problems)
+    recipe = validate(data, path, registry, origins)
+    if hook is not None:
+        extra = [p for found in hook.rlhfkit_check_recipe(recipe=recipe, registry=registry) for p in found]
+        if extra:
+            raise RecipeError(extra)
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"recipe file {path} does not exist; check the path (recipes live in recipes/).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); "
+                        f"check indentation and quoting there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping (run:, stages:, ...), not a {type(data).__name__}.")
+    return data
+
+
+def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Resolve ``extends:`` recursively; return the merged data and ``{dotted path: file}``."""
+    key = str(path.resolve())
+    if key in _seen:
+        chain = " -> ".join([*_seen, key])
+        raise UserError(f"recipes extend each other in a cycle: {chain}; remove one `extends:`.")
+    data = read_yaml(path)
+    parents = data.pop("extends", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list):
+        raise UserError(f"{path}: extends must be a file name, preset:NAME, or a list of them.")
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for parent in parents:
+        if str(parent).startswith("preset:"):
+            name = str(parent)[len("preset:"):]
+            if name not in presets:
+                known = ", ".join(sorted(presets)) or "none installed"
+                raise UserError(f"{path}: extends unknown preset {name!r}; presets: {known}.")
+            layer, layer_origins = presets[name], _origins_of(presets[name], f"preset:{name}")
+        else:
+            layer, layer_origins = compose(path.parent / str(parent), presets, (*_seen, key))
+        merged = deep_merge(merged, layer)
+        origins.update(layer_origins)
+    merged = deep_merge(merged, data)
+    origins.update(_origins_of(data, str(path)))
+    return merged, origins
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``a.0.b=1``)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not key.path=value")
+    dotted, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"value {text!r} is not valid YAML; quote it") from None
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_index(node, k, keys[: i + 1])]
+        else:
+            if not isinstance(node.get(k), (dict, list)):
+                node[k] = {}
+            node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_index(node, last, keys)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, key: str, keys: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise UserError(f"{'.'.join(keys)}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _origins_of(data: Any, origin: str, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            out[path] = origin
+            out.update(_origins_of(v, origin, path))
+    return out
+
+
+def _record(origins: dict[str, str], dotted: str, origin: str) -> None:
+    origins[dotted] = origin
+
+
+def _file_of(origins: dict[str, str], dotted: str, default: str) -> str:
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        hit = origins.get(".".join(parts[:n]))
+        if hit:
+            return hit
+    return default
+
+
+# --------------------------------------------------------------- validation
+
+
+def validate(data: dict[str, Any], path: Path, registry: Registry,
+             origins: dict[str, str] | None = None) -> Recipe:
+    origins = origins or {}
+    problems: list[Problem] = []
+
+    def add(dotted: str, message: str, hint: str = "") -> None:
+        problems.append(Problem(_file_of(origins, dotted, str(path)), dotted, message, hint))
+
+    try:
+        shell = _RecipeShell.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_batch_divides()]",))
+            add(dotted, err["msg"], _layout_hint(err))
+        raise RecipeError(problems) from None
+
+    stages: list[Stage] = []
+    for index, (name, shell_stage) in enumerate(shell.stages.items()):
+        prefix = f"stages.{name}"
+        algorithm = shell_stage.algorithm
+        for p, m, h in registry.resolve(algorithm, f"{prefix}.algorithm"):
+            add(p, m, h)
+        slots: dict[str, Any] = {}
+        if registry.has("algorithm", algorithm.name):  # check slots even if its settings are bad
+            spec = registry.get("algorithm", algorithm.name)
+            given = dict(shell_stage.model_extra or {})
+            for key in given:
+                if key not in spec.slots:
+                    known = ", ".join([*spec.slots, "trainer"]) or "none"
+                    add(f"{prefix}.{key}", f"algorithm {algorithm.name!r} has no slot {key!r}",
+                        f"its slots are: {known}")
+            for slot_name, slot in spec.slots.items():
+                slots[slot_name] = _slot(registry, slot, slot_name, given.get(slot_name),
+                                         f"{prefix}.{slot_name}", add)
+        stage = Stage(name, algorithm, slots, shell_stage.trainer, data["stages"][name])
+        earlier = list(shell.stages)[:index]
+        for dotted, value in _stage_refs(stage):
+            if value not in earlier:
+                add(f"{prefix}.{dotted}", f"names stage {value!r}, which is not an earlier stage",
+                    f"earlier stages: {', '.join(earlier) or 'none'}")
+        stages.append(stage)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(path=path, run=shell.run, stages=stages, data=data)
+
+
+def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str, add: Any) -> Any:
+    if value is None:
+        if slot.required:
+            add(dotted, f"slot {slot_name!r} ({slot.kind}) is required",
+                f"set it to one of: {', '.join(registry.names(slot.kind)) or 'none installed'}")
+        return [] if slot.many else None
+    items = value if slot.many else [value]
+    if slot.many and not isinstance(value, list):
+        add(dotted, f"slot {slot_name!r} takes a list of {slot.kind} components", "write it as a YAML list")
+        return []
+    built: list[ComponentRef] = []
+    for i, item in enumerate(items):
+        where = f"{dotted}[{i}]" if slot.many else dotted
+        try:
+            reference = ref(slot.kind).model_validate(item)
+        except ValidationError:
+            add(where, f"expected a {slot.kind} name or a mapping with `name:`",
+                f"e.g. {slot_name}: {{name: {next(iter(registry.names(slot.kind)), 'NAME')}}}")
+            continue
+        for p, m, h in registry.resolve(reference, where):
+            add(p, m, h)
+        built.append(reference)
+    return built if slot.many else (built[0] if built else None)
+
+
+def _stage_refs(stage: Stage) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, dotted: str) -> None:
+        if isinstance(value, StageRef):
+            found.append((dotted, str(value)))
+        elif isinstance(value, ComponentRef):
+            if value._config is not None:
+                walk(value._config, dotted)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{dotted}.{name}" if dotted else name)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{dotted}[{i}]")
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                walk(item, f"{dotted}.{k}" if dotted else str(k))
+
+    walk(stage.algorithm, "algorithm")
+    for slot_name, value in stage.slots.items():
+        walk(value, slot_name)
+    return found
+
+
+def _layout_hint(err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbidden":
+        return "a recipe has run:, stages: and optionally extends:" if len(loc) == 1 else \
+            f"allowed here: {', '.join(TrainerSection.model_fields)}" if "trainer" in loc else ""
+    if err["type"] == "missing":
+        return "add it" + (" (e.g. run: {name: my-run})" if loc == ["run"] else "")
+    return ""
+
+
+def recipe_schema(registry: Registry) -> dict[str, Any]:
+    """JSON Schema of recipes for editors: the layout plus every component's settings."""
+
+    def choice(kind: str) -> dict[str, Any]:
+        options: list[dict[str, Any]] = [{"type": "string", "enum": registry.names(kind)}]
+        for spec in registry.specs(kind):
+            schema = spec.config.model_json_schema()
+            schema.setdefault("properties", {})["name"] = {"const": spec.name}
+            schema["required"] = ["name", *schema.get("required", [])]
+            schema["title"] = f"{kind} {spec.name}"
+            schema["description"] = spec.doc
+            options.append(schema)
+        return {"anyOf": options}
+
+    slot_props: dict[str, Any] = {}
+    for spec in registry.specs("algorithm"):
+        for slot_name, slot in spec.slots.items():
+            item = choice(slot.kind)
+            slot_props[slot_name] = {"type": "array", "items": item} if slot.many else item
+    stage = {"type": "object", "required": ["algorithm"],
+             "properties": {"algorithm": choice("algorithm"),
+                            "trainer": TrainerSection.model_json_schema(), **slot_props}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "rlhfkit recipe",
+        "type": "object",
+        "required": ["run", "stages"],
+        "properties": {
+            "extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "run": RunSection.model_json_schema(),
+            "stages": {"type": "object", "additionalProperties": stage},
+        },
+    }
+

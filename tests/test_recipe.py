@@ -1,0 +1,202 @@
+"""Recipe loading: two-stage validation, all errors at once, extends, overrides, stage refs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import ComponentSpec, RecipeError, Registry, Slot, StageRef, UserError, load_recipe, ref
+from rlhfkit.recipe import apply_override, recipe_schema
+
+
+class AlgoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, gt=0)
+
+
+class PolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = 2
+    from_stage: StageRef | None = None
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: ref("task") = "toy"  # type: ignore[valid-type]
+    split: str = "train"
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+
+
+@pytest.fixture
+def registry() -> Registry:
+    reg = Registry()
+    slots = {"policy": Slot("policy"), "data": Slot("dataset"),
+             "extras": Slot("constraint", required=False, many=True)}
+    reg.extend([
+        ComponentSpec("algorithm", "train", AlgoConfig, lambda c, x: ("train", c), "toy", slots=slots),
+        ComponentSpec("policy", "toy-lm", PolicyConfig, lambda c, x: c, "toy policy"),
+        ComponentSpec("policy", "other-lm", PolicyConfig, lambda c, x: c, "toy policy"),
+        ComponentSpec("dataset", "toy-data", DataConfig, lambda c, x: c, "toy data"),
+        ComponentSpec("task", "toy", TaskConfig, lambda c, x: c, "toy task"),
+        ComponentSpec("constraint", "kl", AlgoConfig, lambda c, x: c, "toy constraint"),
+    ])
+    return reg
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+run: {name: demo}
+stages:
+  first:
+    algorithm: {name: train, lr: 0.1}
+    policy: {name: toy-lm, size: 3}
+    data: toy-data
+  second:
+    algorithm: train
+    policy: {name: toy-lm, from_stage: first}
+    data: {name: toy-data, task: {name: toy, seed: 4}}
+    extras: [kl, {name: kl, lr: 0.5}]
+    trainer: {max_steps: 5, batch_size: 4, micro_batch_size: 2}
+"""
+
+
+def test_valid_recipe_resolves_every_component(tmp_path, registry):
+    recipe = load_recipe(write(tmp_path, "r.yaml", GOOD), registry)
+    first, second = recipe.stages
+    assert first.algorithm.config.lr == 0.1
+    assert first.slots["policy"].config.size == 3
+    assert second.slots["data"].config.task.config.seed == 4  # nested reference resolved
+    assert [c.config.lr for c in second.slots["extras"]] == [1e-3, 0.5]
+    assert second.trainer.accumulation == 2
+    assert recipe.run_dir == Path("runs/demo")
+
+
+def test_three_mistakes_are_reported_together_with_file_and_path(tmp_path, registry):
+    text = GOOD.replace("lr: 0.1", "lr: -1").replace("size: 3", "size: 3, colour: red") \
+               .replace("data: toy-data\n", "data: toy-dta\n")
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, registry)
+    problems = info.value.problems
+    assert [p.path for p in problems] == [
+        "stages.first.algorithm.lr", "stages.first.policy.colour", "stages.first.data.name"]
+    assert all(p.file == str(path) for p in problems)
+    message = str(info.value)
+    assert "3 problems" in message
+    assert "available dataset components: toy-data" in message  # unknown name lists the others
+    assert "takes: from_stage, size" in message  # extra key lists the allowed settings
+
+
+def test_layout_errors_and_slot_errors(tmp_path, registry):
+    text = """
+run: {name: demo, colour: 1}
+stages:
+  s:
+    algorithm: train
+    polcy: toy-lm
+    trainer: {batch_size: 6, micro_batch_size: 4}
+"""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, "r.yaml", text), registry)
+    paths = [p.path for p in info.value.problems]
+    assert "run.colour" in paths
+    assert "stages.s.trainer" in paths  # batch not a multiple of the micro-batch
+    # layout errors are reported before component validation
+    text2 = text.replace(", colour: 1", "").replace("batch_size: 6", "batch_size: 8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, "r2.yaml", text2), registry)
+    found = {p.path: p for p in info.value.problems}
+    assert "its slots are: policy, data, extras" in found["stages.s.polcy"].hint
+    assert "required" in found["stages.s.policy"].message
+    assert "required" in found["stages.s.data"].message
+
+
+def test_stage_reference_must_name_an_earlier_stage(tmp_path, registry):
+    text = GOOD.replace("from_stage: first", "from_stage: third")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, "r.yaml", text), registry)
+    (problem,) = info.value.problems
+    assert problem.path == "stages.second.policy.from_stage"
+    assert "earlier stages: first" in problem.hint
+
+
+def test_extends_files_and_presets_with_provenance(tmp_path, registry):
+    write(tmp_path, "base.yaml", GOOD)
+    child = write(tmp_path, "child.yaml", """
+extends: [base.yaml, "preset:fast"]
+stages:
+  first:
+    policy: {name: toy-lm, size: 9}
+""")
+    presets = {"fast": {"stages": {"first": {"algorithm": {"name": "train", "lr": 0.5}}}}}
+    recipe = load_recipe(child, registry, presets)
+    first = recipe.stage("first")
+    assert first.algorithm.config.lr == 0.5  # from the preset
+    assert first.slots["policy"].config.size == 9  # from the child
+    assert first.slots["data"].name == "toy-data"  # from the base
+    # a mistake inherited from the base file is reported against the base file
+    write(tmp_path, "base.yaml", GOOD.replace("data: toy-data\n", "data: nope\n"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child, registry, presets)
+    assert info.value.problems[0].file == str(tmp_path / "base.yaml")
+
+
+def test_extends_cycle_and_unknown_preset(tmp_path, registry):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml", registry)
+    write(tmp_path, "c.yaml", "extends: preset:nope\n")
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        load_recipe(tmp_path / "c.yaml", registry)
+
+
+def test_overrides(tmp_path, registry):
+    path = write(tmp_path, "r.yaml", GOOD)
+    recipe = load_recipe(path, registry, overrides=[
+        "stages.first.algorithm.lr=0.25", "stages.second.extras.1.lr=2", "run.seed=7",
+        "stages.first.trainer.max_steps=3"])
+    assert recipe.stage("first").algorithm.config.lr == 0.25
+    assert recipe.stage("second").slots["extras"][1].config.lr == 2
+    assert recipe.run.seed == 7
+    assert recipe.stage("first").trainer.max_steps == 3
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, registry, overrides=["stages.first.algorithm.lr=oops"])
+    assert info.value.problems[0].file == "command line"
+    data: dict = {"a": [1, 2]}
+    with pytest.raises(UserError, match="not an index"):
+        apply_override(data, "a.5=1")
+
+
+def test_yaml_errors_are_user_errors(tmp_path, registry):
+    with pytest.raises(UserError, match=r"r.yaml at line 2, column \d+: not valid YAML"):
+        load_recipe(write(tmp_path, "r.yaml", "run:\n  name: a: b\n"), registry)
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml", registry)
+    with pytest.raises(UserError, match="is a mapping"):
+        load_recipe(write(tmp_path, "l.yaml", "- 1\n"), registry)
+
+
+def test_yaml_is_safe_loaded(tmp_path, registry):
+    text = "run: !!python/object/apply:os.system ['echo pwned']\nstages: {}\n"
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "r.yaml", text), registry)
+
+
+def test_schema_lists_components(registry):
+    schema = recipe_schema(registry)
+    stage = schema["properties"]["stages"]["additionalProperties"]
+    policy_names = stage["properties"]["policy"]["anyOf"][0]["enum"]
+    assert policy_names == ["other-lm", "toy-lm"]
+    assert stage["properties"]["extras"]["type"] == "array"
