@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -43,8 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for rlhfkit's own output: no Lightning banners and tips, no
+    per-file progress bars from transformers."""
+    import lightning  # noqa: F401  (it sets its loggers to INFO when imported)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     console = Console()
     try:
         plugins = load_plugins(block=args.block_plugin)
@@ -78,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_error(exc: UserError) -> None:
     err = Console(stderr=True, highlight=False)
     err.print("[bold red]error:[/] ", end="")
-    err.print(str(exc), markup=False)
+    err.print(str(exc), markup=False, soft_wrap=True)
 
 
 def show_plugins(plugins: Plugins, kind: str | None, console: Console) -> None:

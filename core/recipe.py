@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
-from rlhfkit.registry import ComponentRef, Registry, ref
+from rlhfkit.registry import ComponentRef, Registry, error_message, ref
 
 COMMAND_LINE = "command line"
 
@@ -306,8 +306,8 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
         shell = _RecipeShell.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_batch_divides()]",))
-            add(dotted, err["msg"], _layout_hint(err))
+            dotted = ".".join(str(p) for p in err["loc"])
+            add(dotted, error_message(err), _layout_hint(err))
         raise RecipeError(problems) from None
 
     stages: list[Stage] = []

@@ -236,17 +236,39 @@ def _resolve_one(registry: Registry, reference: ComponentRef, path: str,
     except ValidationError as exc:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            problems.append((f"{path}.{loc}" if path else loc, err["msg"],
-                             _hint(err, spec)))
+            where = ".".join(part for part in (path, loc) if part)
+            problems.append((where, error_message(err), _hint(err, spec)))
         return
     reference._config = config
     _resolve_tree(registry, config, path, problems)
 
 
+def error_message(err: Any) -> str:
+    """pydantic's message without its ``Value error, `` prefix."""
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The (nested) config model that owns the field at ``loc``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model
+
+
 def _hint(err: Any, spec: ComponentSpec) -> str:
     if err["type"] == "extra_forbidden":
-        fields = ", ".join(sorted(spec.config.model_fields)) or "none"
-        return f"{spec.kind} {spec.name!r} takes: {fields}"
+        owner = _model_at(spec.config, tuple(err["loc"][:-1]))
+        fields = ", ".join(sorted(f.alias or n for n, f in owner.model_fields.items())) or "none"
+        where = f"{spec.kind} {spec.name!r}" + (
+            f" setting {'.'.join(map(str, err['loc'][:-1]))!r}" if len(err["loc"]) > 1 else "")
+        return f"{where} takes: {fields}"
     if err["type"] == "missing":
         return "add this setting"
     return f"see `rlhfkit plugins {spec.kind}` for {spec.name!r}"

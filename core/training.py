@@ -73,7 +73,7 @@ class ResumableCheckpoint(Callback):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._last_saved:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizers, loops
         self._last_saved = trainer.global_step
         if trainer.is_global_zero:
             self.on_saved(trainer.global_step, self.path)

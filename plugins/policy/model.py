@@ -1,0 +1,201 @@
+"""The policy object: a transformers causal LM with its tokenizer.
+
+Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``T`` response tokens
+(right-padded), ``L`` prompt + completion tokens (right-padded). Masks are int64, 1 on
+real tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rlhfkit.plugins.policy.config import TransformersPolicyConfig
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class TransformersPolicy:
+    """A causal LM that samples and scores tokens (satisfies :class:`rlhfkit.Policy`).
+
+    Attributes:
+        model: the ``torch.nn.Module`` to train: a transformers model, or a peft model
+            wrapping one when LoRA is on (then only the adapter weights require grad).
+        tokenizer: its tokenizer; PAD is set and differs from EOS.
+        config: the settings it was built from.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 config: TransformersPolicyConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ tokenising
+
+    def tokenize_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts left-padded, so every row's last token sits at the same column
+        and generation continues all rows in step.
+
+        Returns:
+            ``prompt_ids [B, P]`` and ``prompt_mask [B, P]``, on the model's device.
+        """
+        rows = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        empty = [i for i, row in enumerate(rows) if not row]
+        if empty:
+            raise ValueError(f"prompts {empty} encode to no tokens; generation needs at least "
+                             "one prompt token")
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = [[pad] * (width - len(row)) + row for row in rows]
+        mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+        return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device))
+
+    def tokenize_pairs(self, prompts: Sequence[str], completions: Sequence[str], max_length: int,
+                       add_eos: bool = True) -> dict[str, torch.Tensor]:
+        """Encode ``prompt + completion (+ EOS)`` for teacher forcing (SFT), right-padded.
+
+        Prompts get the tokenizer's own special tokens (e.g. a Llama BOS), completions none.
+        Over ``max_length``, tokens are dropped from the left of the prompt first: the
+        completion is what is learned, and the prompt's end is the context nearest to it.
+        A completion that alone exceeds ``max_length`` keeps its first ``max_length``
+        tokens (losing its EOS).
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``labels_mask``: ``[B, L]`` tensors on the
+            model's device, ``L <= max_length``; ``labels_mask`` is 1 on completion tokens
+            (EOS included), the positions whose prediction is trained.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        prompt_rows = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        completion_rows = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        eos = [self.tokenizer.eos_token_id] if add_eos else []
+        pairs = []
+        for prompt, completion in zip(prompt_rows, completion_rows):
+            completion = (completion + eos)[:max_length]
+            keep = max_length - len(completion)
+            pairs.append((prompt[len(prompt) - keep:] if len(prompt) > keep else prompt,
+                          completion))
+        width = max(len(p) + len(c) for p, c in pairs)
+        pad = self.tokenizer.pad_token_id
+        ids, attention, labels = [], [], []
+        for prompt, completion in pairs:
+            fill = width - len(prompt) - len(completion)
+            ids.append(prompt + completion + [pad] * fill)
+            attention.append([1] * (len(prompt) + len(completion)) + [0] * fill)
+            labels.append([0] * len(prompt) + [1] * len(completion) + [0] * fill)
+        return {name: torch.tensor(rows, device=self.device) for name, rows in
+                (("input_ids", ids), ("attention_mask", attention), ("labels_mask", labels))}
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()  # not inference_mode: the ids feed later autograd forwards (PPO)
+    def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                     max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt with the KV cache, in eval mode (no dropout).
+
+        Args:
+            prompt_ids, prompt_mask: ``[B, P]`` left-padded (see :meth:`tokenize_prompts`);
+                positions follow the mask, so padded rows are continued exactly as alone.
+            do_sample: False for greedy decoding (then temperature/top_k/top_p are unused).
+            top_k: 0 keeps every token; top_p: 1.0 keeps every token.
+        Returns:
+            ``response_ids [B, T]`` right-padded with PAD (``T <= max_new_tokens``: sampling
+            stops once every row emitted EOS) and ``response_mask [B, T]``, 1 up to and
+            including each row's first EOS (everything when a row never emitted one).
+        """
+        sampling = ({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample
+                    else {})
+        # Every sampling setting explicit: transformers fills unset ones from the model's
+        # generation_config and then its global defaults (top_k=50), which would sample
+        # from another distribution than the one the algorithm asked for and scores.
+        generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            **sampling)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                            generation_config=generation_config)
+        finally:
+            self.model.train(was_training)
+        response_ids = sequences[:, prompt_ids.shape[1]:]
+        response_mask = mask_after_eos(response_ids, self.tokenizer.eos_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        return response_ids, response_mask
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+        """Sample one response per prompt and return its text (special tokens dropped)."""
+        prompt_ids, prompt_mask = self.tokenize_prompts(prompts)
+        response_ids, response_mask = self.generate_ids(
+            prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p)
+        return self.decode_responses(response_ids, response_mask)
+
+    def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor
+                         ) -> list[str]:
+        """Text of ``response_ids [B, T]`` where ``response_mask [B, T]`` is 1, stripped,
+        special tokens (EOS, PAD) dropped."""
+        ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, directory: Path) -> None:
+        """Write a plain transformers model (safetensors) and the tokenizer to ``directory``.
+
+        LoRA adapters are merged into a copy of the base weights, so the export loads with
+        ``AutoModelForCausalLM.from_pretrained`` alone while the training model keeps its
+        adapters. Files are written to a temporary sibling directory that then replaces
+        ``directory``: a crash never leaves a half-written export behind.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0700 mode would stick to the export; mkdir honours umask.
+        staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            self.plain_model().save_pretrained(staging)  # transformers 5 writes safetensors
+            self.tokenizer.save_pretrained(staging)
+            _replace_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def plain_model(self) -> PreTrainedModel:
+        """The transformers model, LoRA weights merged into a copy (memory: one more model)."""
+        if hasattr(self.model, "merge_and_unload"):  # a peft model
+            return copy.deepcopy(self.model).merge_and_unload()
+        return self.model
+
+
+def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B, T] -> [B, T]`` int64: 1 up to and including the first ``eos_token_id`` of each
+    row, 0 after it; all ones for a row without EOS."""
+    is_eos = (response_ids == eos_token_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
+    return (eos_before == 0).long()
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired)

@@ -1,0 +1,231 @@
+"""Supervised fine-tuning (InstructGPT step 1) and plain LM pretraining.
+
+Loss: the negative log-likelihood of the completion tokens (and of EOS) given the
+prompt, averaged over every such token of the global batch, so 1 device and N devices
+at the same global batch compute the same loss. ``train_on_prompt: true`` trains on
+every token (LM pretraining).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import (
+    ComponentSpec,
+    Conversation,
+    PromptCompletion,
+    Slot,
+    StageContext,
+    UserError,
+    gradient_sync,
+    hookimpl,
+    log_now,
+    logprobs_from_logits,
+    micro_batches,
+    optimizer_step,
+    step_loader,
+    total_steps,
+    warmup_cosine,
+)
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (InstructGPT/DeepSpeed-Chat)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    train_on_prompt: bool = Field(False, description="also learn the prompt tokens (plain LM pretraining)")
+    max_length: int = Field(128, ge=2, description="prompt + completion tokens; longer prompts are cut on the left")
+    eval_batch_size: int = Field(64, ge=1, description="rows per forward when computing held-out perplexity")
+    sample_prompts: int = Field(4, ge=0, description="fixed prompts sampled before and after training")
+    sample_max_new_tokens: int = Field(32, ge=1, description="length limit of those samples")
+
+
+SLOTS = {
+    "policy": Slot("policy", doc="the model to train"),
+    "data": Slot("dataset", doc="demonstrations (prompt-completion, messages) or text"),
+    "eval_data": Slot("dataset", required=False, doc="held-out rows for perplexity and samples"),
+}
+
+
+def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
+    """A demonstration row as (prompt, completion); conversations use the chat template."""
+    if isinstance(row, PromptCompletion):
+        return row
+    if isinstance(row, Conversation):
+        prompt = tokenizer.apply_chat_template(list(row.messages[:-1]), tokenize=False,
+                                               add_generation_prompt=True)
+        return PromptCompletion(prompt, row.messages[-1]["content"])
+    raise UserError(f"the sft algorithm trains on prompt-completion, messages or text rows, "
+                    f"not {type(row).__name__}; point `data:` at such a dataset.")
+
+
+class SFT(L.LightningModule):
+    def __init__(self, config: SFTConfig, context: StageContext):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.section = context.trainer
+        self.stage_dir = context.stage_dir
+        self.seed = context.seed
+        self.policy = context.component("policy")
+        self.model = self.policy.model
+        tokenizer = self.policy.tokenizer
+        self.train_rows = [as_pair(r, tokenizer) for r in context.component("data").rows()]
+        eval_data = context.component("eval_data")
+        self.eval_rows = [as_pair(r, tokenizer) for r in eval_data.rows()] if eval_data else []
+        shown = self.eval_rows or self.train_rows
+        self.sample_rows = shown[: config.sample_prompts]
+        self.total_steps = total_steps(self.section, len(self.train_rows))
+        self.history: dict[str, float] = {}
+        self._last_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ data
+    def _collate(self, rows: list[PromptCompletion]) -> dict[str, torch.Tensor]:
+        batch = self.policy.tokenize_pairs([r.prompt for r in rows], [r.completion for r in rows],
+                                           max_length=self.config.max_length)
+        if self.config.train_on_prompt:
+            batch["labels_mask"] = batch["attention_mask"].clone()
+        return batch
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return step_loader(self.train_rows, self._collate, self.section, self.seed, self.total_steps,
+                           position=lambda: self.trainer.global_step, rank=self.global_rank)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, betas=self.config.betas,
+                                      weight_decay=self.config.weight_decay)
+        scheduler = warmup_cosine(optimizer, self.config.warmup_steps, self.total_steps,
+                                  self.config.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ loss
+    def _token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL of the labelled tokens and their count. Token t+1 is predicted from
+        tokens <= t, so the labels mask is shifted by one."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logprobs = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+        mask = batch["labels_mask"][:, 1:].to(logprobs.dtype)
+        return -(logprobs * mask).sum(), mask.sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        strategy = self.trainer.strategy
+        # 1. the global batch's token count: one all-reduce, so every rank divides by it
+        local_tokens = batch["labels_mask"][:, 1:].sum().float()
+        global_tokens = strategy.reduce(local_tokens, reduce_op="sum")
+        world = self.trainer.world_size
+        # 2. forward/backward each micro-batch; DDP averages grads over ranks, hence * world
+        chunks = micro_batches(batch, self.section.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, chunk in enumerate(chunks):
+            with gradient_sync(self, last=i == len(chunks) - 1):
+                nll, _ = self._token_nll(chunk)
+                self.manual_backward(nll / global_tokens * world)
+            loss_sum += nll.detach()
+        # 3. clip, step, schedule
+        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        # 4. metrics (only on logging steps: reduction across ranks costs a sync)
+        step = self.global_step
+        if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            loss = strategy.reduce(loss_sum, reduce_op="sum") / global_tokens
+            self.log_dict({
+                "step": float(step),  # the optimizer step (Lightning's own counter lags by one)
+                "train/loss": loss,
+                "train/lr": self.lr_schedulers().get_last_lr()[0],
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_s": global_tokens * self.section.log_every_n_steps / (now - self._last_time),
+            }, prog_bar=True)
+            self._last_time = now
+        if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
+            self._evaluate("eval")
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def held_out_perplexity(self) -> float | None:
+        """exp(mean NLL per completion token) over this rank's share of the eval rows,
+        reduced over ranks."""
+        if not self.eval_rows:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        nll = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        rows = self.eval_rows[self.global_rank::self.trainer.world_size]
+        for i in range(0, len(rows), self.config.eval_batch_size):
+            batch = {k: v.to(self.device) for k, v in self._collate(rows[i:i + self.config.eval_batch_size]).items()}
+            part_nll, part_tokens = self._token_nll(batch)
+            nll += part_nll
+            tokens += part_tokens
+        self.model.train(was_training)
+        strategy = self.trainer.strategy
+        total = strategy.reduce(nll, reduce_op="sum") / strategy.reduce(tokens, reduce_op="sum")
+        return float(torch.exp(total))
+
+    def _evaluate(self, key: str) -> None:
+        perplexity = self.held_out_perplexity()
+        if perplexity is not None:
+            self.history[key] = perplexity
+            log_now(self, {"eval/perplexity": perplexity})
+
+    def _write_samples(self, when: str) -> None:
+        if not self.trainer.is_global_zero or not self.sample_rows:
+            return
+        with torch.random.fork_rng(devices=[]):
+            responses = self.policy.generate([r.prompt for r in self.sample_rows],
+                                             max_new_tokens=self.config.sample_max_new_tokens,
+                                             do_sample=False)
+        path = Path(self.stage_dir) / "samples.jsonl"
+        with open(path, "a") as handle:
+            for row, response in zip(self.sample_rows, responses, strict=True):
+                handle.write(json.dumps({"when": when, "step": self.global_step, "prompt": row.prompt,
+                                         "response": response, "reference": row.completion}) + "\n")
+
+    def on_train_start(self) -> None:
+        self._last_time = time.perf_counter()
+        if self.global_step == 0:
+            self._evaluate("eval_before")
+            self._write_samples("before")
+
+    def on_train_end(self) -> None:
+        self._evaluate("eval")
+        self._write_samples("after")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sft_history"] = dict(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = dict(checkpoint.get("sft_history", {}))
+
+    # ---------------------------------------------------------------- output
+    def export(self, directory: Path) -> None:
+        self.policy.export(directory)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.global_step}
+        if "eval_before" in self.history:
+            out["perplexity_before"] = self.history["eval_before"]
+        if "eval" in self.history:
+            out["perplexity_after"] = self.history["eval"]
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            out["train_loss"] = float(loss)
+        return out
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    return [ComponentSpec(
+        kind="algorithm", name="sft", config=SFTConfig, factory=SFT, slots=SLOTS,
+        doc="supervised fine-tuning on demonstrations (or LM pretraining on text)",
+    )]

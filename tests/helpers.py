@@ -1,0 +1,51 @@
+"""Shared helpers for tests that run the rlhfkit CLI in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+# A small, fast SFT configuration of the quickstart recipe for tests.
+TINY_SFT = [
+    "stages.sft.policy.architecture.layers=1",
+    "stages.sft.policy.architecture.hidden=32",
+    "stages.sft.policy.architecture.heads=2",
+    "stages.sft.trainer.batch_size=16",
+    "stages.sft.trainer.micro_batch_size=8",
+    "stages.sft.trainer.log_every_n_steps=1",
+    "stages.sft.trainer.eval_every_n_steps=null",
+    "stages.sft.algorithm.sample_prompts=2",
+    "stages.sft.algorithm.sample_max_new_tokens=8",
+    "stages.sft.eval_data.limit=64",
+]
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m rlhfkit ARGS`` and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rlhfkit", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(rows: list[dict[str, str]], name: str) -> dict[int, float]:
+    """``{step: value}`` of one metric column (rows where it was logged)."""
+    return {int(float(r["step"])): float(r[name]) for r in rows if r.get(name)}
