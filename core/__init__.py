@@ -24,26 +24,19 @@ from rlhfkit.interfaces import (
     Row,
     Task,
 )
-from rlhfkit.ops import (
-    RunningMoments,
-    entropy_from_logits,
-    kl_estimate,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    whiten,
-)
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import Recipe, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, ref
 
-# The Lightning glue imports lightning; load it only when a plugin asks for it.
+# torch and lightning load only when a plugin first asks for these names, so that
+# `rlhfkit validate` and `rlhfkit plugins` start fast.
 _LAZY = {
-    name: "rlhfkit.training"
-    for name in ("gradient_sync", "log_now", "micro_batches", "optimizer_step", "rank_seed",
-                 "step_loader", "total_steps", "warmup_cosine", "atomic_write_text")
+    **{name: "rlhfkit.ops"
+       for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "logprobs_from_logits",
+                    "masked_mean", "masked_sum", "masked_var", "masked_whiten", "whiten")},
+    **{name: "rlhfkit.training"
+       for name in ("gradient_sync", "log_now", "micro_batches", "optimizer_step", "rank_seed",
+                    "step_loader", "total_steps", "warmup_cosine", "atomic_write_text")},
 }
 
 
@@ -61,9 +54,7 @@ __all__ = [
     "KINDS", "Advantages", "Algorithm", "ComponentRef", "ComponentSpec", "Constraint",
     "Conversation", "DataError", "Dataset", "Estimator", "LossTerm", "Objective", "PluginError",
     "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
-    "RecipeError", "Registry", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
-    "StageContext", "Task", "UserError", "entropy_from_logits", "hookimpl", "kl_estimate",
-    "load_plugins", "load_recipe", "logprobs_from_logits", "Recipe", "StageRef", "TrainerSection",
-    *_LAZY, "masked_mean", "masked_sum", "masked_var",
-    "masked_whiten", "ref", "whiten",
+    "Recipe", "RecipeError", "Registry", "RewardSource", "Rollout", "Row", "Slot", "StageContext",
+    "StageRef", "Task", "TrainerSection", "UserError", "hookimpl", "load_plugins", "load_recipe",
+    "ref", *_LAZY,
 ]

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from rlhfkit.errors import UserError
 from rlhfkit.plugin_manager import BLOCK_ENV, Plugins, load_plugins
-from rlhfkit.recipe import load_recipe, recipe_schema
+from rlhfkit.recipe import recipe_schema
 from rlhfkit.registry import KINDS
 
 EXIT_USER_ERROR = 2
@@ -63,17 +63,16 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
     console = Console()
     try:
         plugins = load_plugins(block=args.block_plugin)
         if args.command == "run":
             from rlhfkit.runner import run_recipe  # torch/lightning only when running
 
-            recipe = load_recipe(args.recipe, plugins.registry, plugins.presets, args.overrides, plugins.hook)
-            run_recipe(recipe, plugins, console)
+            _quiet_libraries()
+            run_recipe(plugins.load_recipe(args.recipe, args.overrides), plugins, console)
         elif args.command == "validate":
-            recipe = load_recipe(args.recipe, plugins.registry, plugins.presets, args.overrides, plugins.hook)
+            recipe = plugins.load_recipe(args.recipe, args.overrides)
             stages = ", ".join(f"{s.name} ({s.algorithm.name})" for s in recipe.stages)
             console.print(f"[green]ok[/]: {args.recipe} is valid; stages: {stages}; run directory {recipe.run_dir}")
         elif args.command == "plugins":

@@ -35,6 +35,18 @@ class Plugins:
     def hook(self) -> Any:
         return self.manager.hook
 
+    def check_recipe(self, recipe: Any) -> list[Any]:
+        """Every plugin's ``rlhfkit_check_recipe`` problems for ``recipe``."""
+        found = call_each(self.manager, "rlhfkit_check_recipe", self.distributions,
+                          recipe=recipe, registry=self.registry)
+        return [problem for problems in found for problem in problems or []]
+
+    def load_recipe(self, path: Any, overrides: list[str] = ()) -> Any:
+        """Load and validate a recipe against the installed components and presets."""
+        from rlhfkit.recipe import load_recipe
+
+        return load_recipe(path, self.registry, self.presets, overrides, check=self.check_recipe)
+
 
 def load_plugins(block: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()) -> Plugins:
     """Discover the ``rlhfkit`` entry points and build the registry.
@@ -51,23 +63,33 @@ def load_plugins(block: Iterable[str] = (), extra: Iterable[tuple[str, object]] 
 
     distributions: dict[str, str] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if manager.is_blocked(ep.name) or manager.get_plugin(ep.name) is not None:
+        if manager.is_blocked(ep.name):
             continue
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+        if ep.name in distributions:
+            if distributions[ep.name] == dist:  # the same distribution seen twice on sys.path
+                continue
+            raise PluginError(
+                f"two distributions register an rlhfkit plugin named {ep.name!r}: "
+                f"{distributions[ep.name]} and {dist}. Uninstall one of them."
+            )
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party plugin must name itself
             raise PluginError(
-                f"plugin {ep.name!r} from {dist} failed to import ({ep.value}): "
+                f"plugin {ep.name!r} ({dist}) failed to import ({ep.value}): "
                 f"{type(exc).__name__}: {exc}. Fix or uninstall that distribution, or block "
                 f"the plugin with `--block-plugin {ep.name}` or {BLOCK_ENV}={ep.name}."
             ) from exc
         _register(manager, plugin, ep.name, dist)
         distributions[ep.name] = dist
     for name, plugin in extra:
-        if not manager.is_blocked(name):
-            _register(manager, plugin, name, "registered directly")
-            distributions[name] = "registered directly"
+        if manager.is_blocked(name):
+            continue
+        if name in distributions:
+            raise PluginError(f"a plugin named {name!r} is already loaded from {distributions[name]}.")
+        _register(manager, plugin, name, "registered directly")
+        distributions[name] = "registered directly"
 
     registry = Registry()
     for impl in manager.hook.rlhfkit_components.get_hookimpls():
@@ -85,6 +107,8 @@ def load_plugins(block: Iterable[str] = (), extra: Iterable[tuple[str, object]] 
     for impl in manager.hook.rlhfkit_presets.get_hookimpls():
         where = f"plugin {impl.plugin_name!r} ({distributions.get(impl.plugin_name, '?')})"
         contributed = _call(impl, where, "rlhfkit_presets")
+        if not isinstance(contributed, dict) or not all(isinstance(f, dict) for f in contributed.values()):
+            raise PluginError(f"{where}: rlhfkit_presets must return a dict of preset name -> recipe mapping.")
         for name, fragment in contributed.items():
             if name in presets:
                 raise PluginError(
@@ -95,19 +119,39 @@ def load_plugins(block: Iterable[str] = (), extra: Iterable[tuple[str, object]] 
 
 
 def _register(manager: pluggy.PluginManager, plugin: object, name: str, dist: str) -> None:
+    undecorated = [attr for attr in dir(plugin) if attr.startswith("rlhfkit_")
+                   and callable(getattr(plugin, attr))
+                   and not hasattr(getattr(plugin, attr), "rlhfkit_impl")]
+    if undecorated:
+        raise PluginError(
+            f"plugin {name!r} ({dist}) defines {', '.join(undecorated)} without @rlhfkit.hookimpl, "
+            f"so rlhfkit would never call it; decorate it (from rlhfkit import hookimpl)."
+        )
     try:
         manager.register(plugin, name=name)
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(
-            f"plugin {name!r} from {dist} does not match the rlhfkit hook specification: {exc}. "
+            f"plugin {name!r} ({dist}) does not match the rlhfkit hook specification: {exc}. "
             f"Hook names start with `rlhfkit_`; see `rlhfkit.hookspecs` for the list."
         ) from exc
 
 
-def _call(impl: Any, where: str, hook: str) -> Any:
+def call_each(manager: pluggy.PluginManager, hook: str, distributions: dict[str, str],
+              **kwargs: Any) -> list[Any]:
+    """Call every implementation of ``hook`` separately, so that an exception names the
+    plugin (and distribution) that raised it."""
+    results = []
+    for impl in getattr(manager.hook, hook).get_hookimpls():
+        where = f"plugin {impl.plugin_name!r} ({distributions.get(impl.plugin_name, '?')})"
+        args = {k: v for k, v in kwargs.items() if k in impl.argnames}
+        results.append(_call(impl, where, hook, **args))
+    return results
+
+
+def _call(impl: Any, where: str, hook: str, **kwargs: Any) -> Any:
     try:
-        return impl.function()
+        return impl.function(**kwargs)
     except PluginError:
         raise
     except Exception as exc:

@@ -162,9 +162,10 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] | None = None,
-                overrides: list[str] = (), hook: Any = None) -> Recipe:
+                overrides: list[str] = (), check: Any = None) -> Recipe:
     """Read, compose, override and validate a recipe; raise :class:`RecipeError` listing
-    every problem. ``hook`` is the plugin manager's hook relay (for cross-component checks)."""
+    every problem. ``check(recipe)`` returns the plugins' cross-component problems
+    (:meth:`rlhfkit.Plugins.check_recipe`)."""
     path = Path(path)
     data, origins = compose(path, presets or {})
     problems: list[Problem] = []
@@ -177,8 +178,8 @@ def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] |
     if problems:
         raise RecipeError(problems)
     recipe = validate(data, path, registry, origins)
-    if hook is not None:
-        extra = [p for found in hook.rlhfkit_check_recipe(recipe=recipe, registry=registry) for p in found]
+    if check is not None:
+        extra = check(recipe)
         if extra:
             raise RecipeError(extra)
     return recipe

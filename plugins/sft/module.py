@@ -1,10 +1,4 @@
-"""Supervised fine-tuning (InstructGPT step 1) and plain LM pretraining.
-
-Loss: the negative log-likelihood of the completion tokens (and of EOS) given the
-prompt, averaged over every such token of the global batch, so 1 device and N devices
-at the same global batch compute the same loss. ``train_on_prompt: true`` trains on
-every token (LM pretraining).
-"""
+"""The SFT LightningModule: the step, evaluation, samples and export."""
 
 from __future__ import annotations
 
@@ -15,17 +9,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from rlhfkit import (
-    ComponentSpec,
     Conversation,
     PromptCompletion,
-    Slot,
     StageContext,
     UserError,
     gradient_sync,
-    hookimpl,
     log_now,
     logprobs_from_logits,
     micro_batches,
@@ -34,27 +23,7 @@ from rlhfkit import (
     total_steps,
     warmup_cosine,
 )
-
-
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (InstructGPT/DeepSpeed-Chat)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
-    train_on_prompt: bool = Field(False, description="also learn the prompt tokens (plain LM pretraining)")
-    max_length: int = Field(128, ge=2, description="prompt + completion tokens; longer prompts are cut on the left")
-    eval_batch_size: int = Field(64, ge=1, description="rows per forward when computing held-out perplexity")
-    sample_prompts: int = Field(4, ge=0, description="fixed prompts sampled before and after training")
-    sample_max_new_tokens: int = Field(32, ge=1, description="length limit of those samples")
-
-
-SLOTS = {
-    "policy": Slot("policy", doc="the model to train"),
-    "data": Slot("dataset", doc="demonstrations (prompt-completion, messages) or text"),
-    "eval_data": Slot("dataset", required=False, doc="held-out rows for perplexity and samples"),
-}
+from rlhfkit.plugins.sft import SFTConfig
 
 
 def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
@@ -221,11 +190,3 @@ class SFT(L.LightningModule):
         if loss is not None:
             out["train_loss"] = float(loss)
         return out
-
-
-@hookimpl
-def rlhfkit_components() -> list[ComponentSpec]:
-    return [ComponentSpec(
-        kind="algorithm", name="sft", config=SFTConfig, factory=SFT, slots=SLOTS,
-        doc="supervised fine-tuning on demonstrations (or LM pretraining on text)",
-    )]

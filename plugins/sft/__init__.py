@@ -1,0 +1,53 @@
+"""Supervised fine-tuning (InstructGPT step 1) and plain LM pretraining.
+
+Loss: the negative log-likelihood of the completion tokens (and of EOS) given the
+prompt, averaged over every such token of the global batch, so 1 device and N devices
+at the same global batch compute the same loss. ``train_on_prompt: true`` trains on
+every token (LM pretraining).
+
+This module holds only the settings and the registration; the LightningModule lives in
+``module.py`` and is imported when a stage is built, so listing plugins stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import ComponentSpec, Slot, StageContext, hookimpl
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (InstructGPT/DeepSpeed-Chat)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    train_on_prompt: bool = Field(False, description="also learn the prompt tokens (plain LM pretraining)")
+    max_length: int = Field(128, ge=2, description="prompt + completion tokens; longer prompts are cut on the left")
+    eval_batch_size: int = Field(64, ge=1, description="rows per forward when computing held-out perplexity")
+    sample_prompts: int = Field(4, ge=0, description="fixed prompts sampled before and after training")
+    sample_max_new_tokens: int = Field(32, ge=1, description="length limit of those samples")
+
+
+SLOTS = {
+    "policy": Slot("policy", doc="the model to train"),
+    "data": Slot("dataset", doc="demonstrations (prompt-completion, messages) or text"),
+    "eval_data": Slot("dataset", required=False, doc="held-out rows for perplexity and samples"),
+}
+
+
+def build(config: SFTConfig, context: StageContext) -> Any:
+    from rlhfkit.plugins.sft.module import SFT
+
+    return SFT(config, context)
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    return [ComponentSpec(
+        kind="algorithm", name="sft", config=SFTConfig, factory=build, slots=SLOTS,
+        doc="supervised fine-tuning on demonstrations (or LM pretraining on text)",
+    )]
