@@ -54,7 +54,10 @@ __all__ = [
     "KINDS", "Advantages", "Algorithm", "ComponentRef", "ComponentSpec", "Constraint",
     "Conversation", "DataError", "Dataset", "Estimator", "LossTerm", "Objective", "PluginError",
     "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
-    "Recipe", "RecipeError", "Registry", "RewardSource", "Rollout", "Row", "Slot", "StageContext",
-    "StageRef", "Task", "TrainerSection", "UserError", "hookimpl", "load_plugins", "load_recipe",
-    "ref", *_LAZY,
+    "Recipe", "RecipeError", "Registry", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
+    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_write_text",
+    "entropy_from_logits", "gradient_sync", "hookimpl", "kl_estimate", "load_plugins", "load_recipe",
+    "log_now", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "micro_batches", "optimizer_step", "rank_seed", "ref", "step_loader", "total_steps",
+    "warmup_cosine", "whiten",
 ]

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -46,21 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for rlhfkit's own output: no Lightning banners and tips, no
-    per-file progress bars from transformers."""
-    import lightning  # noqa: F401  (it sets its loggers to INFO when imported)
-
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
@@ -68,8 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plugins = load_plugins(block=args.block_plugin)
         if args.command == "run":
             from rlhfkit.runner import run_recipe  # torch/lightning only when running
-
-            _quiet_libraries()
             run_recipe(plugins.load_recipe(args.recipe, args.overrides), plugins, console)
         elif args.command == "validate":
             recipe = plugins.load_recipe(args.recipe, args.overrides)

@@ -15,8 +15,10 @@ A finished stage is skipped on re-run; an interrupted one resumes from its check
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,9 @@ def process_rank() -> int:
     for var in ("RANK", "GLOBAL_RANK"):
         if var in os.environ:
             return int(os.environ[var])
-    node = int(os.environ.get("NODE_RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
+    node = int(os.environ.get("NODE_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + local
 
 
 def stage_fingerprint(stage: Stage) -> str:
@@ -62,8 +64,22 @@ def stage_fingerprint(stage: Stage) -> str:
                  {**stage.raw, "trainer": trainer}).fingerprint()
 
 
+def quiet_libraries() -> None:
+    """Keep the console for rlhfkit's own output: no Lightning banners and tips, no
+    per-file progress bars from transformers."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def run_recipe(recipe: Recipe, plugins: Plugins, console: Console | None = None) -> dict[str, dict[str, Any]]:
     """Run every stage of ``recipe`` in order; return ``{stage: summary}``."""
+    quiet_libraries()
     console = console or Console()
     main = process_rank() == 0
     run_dir = recipe.run_dir

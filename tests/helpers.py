@@ -31,7 +31,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     """Run ``python -m rlhfkit ARGS`` and capture its output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rlhfkit", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:

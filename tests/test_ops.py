@@ -165,9 +165,9 @@ def test_masked_whiten_moss_preset_eps_1e6():
 
 
 PRESETS = {
-    "openai": dict(unbiased=False, eps=1e-8),
-    "trl_verl": dict(unbiased=True, eps=1e-8),
-    "moss": dict(unbiased=False, eps=1e-6),
+    "openai": {"unbiased": False, "eps": 1e-8},
+    "trl_verl": {"unbiased": True, "eps": 1e-8},
+    "moss": {"unbiased": False, "eps": 1e-6},
 }
 
 

@@ -267,8 +267,8 @@ def test_presets_must_be_a_dict_of_mappings():
 
 def test_extra_plugin_may_not_reuse_a_loaded_name():
     with pytest.raises(rlhfkit.PluginError, match="already loaded"):
-        load(("twin", plugin(rlhfkit_components=lambda: [])),
-             ("twin", plugin(rlhfkit_components=lambda: [])))
+        load(("twin", plugin(rlhfkit_components=list)),
+             ("twin", plugin(rlhfkit_components=list)))
 
 
 def test_exception_in_check_recipe_names_the_plugin(tmp_path):

@@ -7,6 +7,9 @@ import importlib.metadata
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerFast
+
 from rlhfkit import (
     ComponentSpec,
     Policy,
@@ -24,8 +27,6 @@ from rlhfkit.plugins.policy import (
     load_tokenizer,
     mask_after_eos,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerFast
 
 FAMILIES = ["gpt2", "opt", "llama", "qwen2"]
 WORDS = ["a", "b", "c", "d", "e", "f", "."]

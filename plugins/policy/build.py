@@ -7,14 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rlhfkit import StageContext, UserError
-from rlhfkit.plugins.policy.config import ArchitectureConfig, LoraSettings, TransformersPolicyConfig
-from rlhfkit.plugins.policy.model import TransformersPolicy
-from rlhfkit.plugins.policy.tokenizer import (
-    build_word_tokenizer,
-    ensure_distinct_pad,
-    load_tokenizer,
-)
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,6 +18,15 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
+)
+
+from rlhfkit import StageContext, UserError
+from rlhfkit.plugins.policy.config import ArchitectureConfig, LoraSettings, TransformersPolicyConfig
+from rlhfkit.plugins.policy.model import TransformersPolicy
+from rlhfkit.plugins.policy.tokenizer import (
+    build_word_tokenizer,
+    ensure_distinct_pad,
+    load_tokenizer,
 )
 
 

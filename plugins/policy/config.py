@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from rlhfkit import StageRef, ref
 
 Family = Literal["gpt2", "opt", "llama", "qwen2"]

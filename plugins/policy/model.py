@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
 class TransformersPolicy:

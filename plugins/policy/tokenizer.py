@@ -6,9 +6,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhfkit import UserError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from rlhfkit import UserError
 
 #: Special tokens of the word-level tokenizer, in id order: ``<pad>`` is 0.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")

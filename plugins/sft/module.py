@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+
 from rlhfkit import (
     Conversation,
     PromptCompletion,
@@ -38,6 +39,15 @@ def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
                     f"not {type(row).__name__}; point `data:` at such a dataset.")
 
 
+def sample_prompt(row: PromptCompletion) -> PromptCompletion:
+    """A row to sample from: text rows (pretraining) have no prompt, so their first three
+    words serve as one."""
+    if row.prompt:
+        return row
+    words = row.completion.split()
+    return PromptCompletion(" ".join(words[:3]), " ".join(words[3:]))
+
+
 class SFT(L.LightningModule):
     def __init__(self, config: SFTConfig, context: StageContext):
         super().__init__()
@@ -53,7 +63,7 @@ class SFT(L.LightningModule):
         eval_data = context.component("eval_data")
         self.eval_rows = [as_pair(r, tokenizer) for r in eval_data.rows()] if eval_data else []
         shown = self.eval_rows or self.train_rows
-        self.sample_rows = shown[: config.sample_prompts]
+        self.sample_rows = [sample_prompt(r) for r in shown[: config.sample_prompts]]
         self.total_steps = total_steps(self.section, len(self.train_rows))
         self.history: dict[str, float] = {}
         self._last_time = time.perf_counter()
@@ -156,9 +166,8 @@ class SFT(L.LightningModule):
                                              do_sample=False)
         path = Path(self.stage_dir) / "samples.jsonl"
         with open(path, "a") as handle:
-            for row, response in zip(self.sample_rows, responses, strict=True):
-                handle.write(json.dumps({"when": when, "step": self.global_step, "prompt": row.prompt,
-                                         "response": response, "reference": row.completion}) + "\n")
+            handle.writelines(json.dumps({"when": when, "step": self.global_step, "prompt": row.prompt,
+                                         "response": response, "reference": row.completion}) + "\n" for row, response in zip(self.sample_rows, responses, strict=True))
 
     def on_train_start(self) -> None:
         self._last_time = time.perf_counter()
