@@ -49,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plugins = load_plugins(block=args.block_plugin)
         if args.command == "run":
-            from rlhfkit.runner import run_recipe  # torch/lightning only when running
-            run_recipe(plugins.load_recipe(args.recipe, args.overrides), plugins, console)
+            recipe = plugins.load_recipe(args.recipe, args.overrides)
+            from rlhfkit.runner import run_recipe  # torch/lightning only once the recipe is valid
+
+            run_recipe(recipe, plugins, console)
         elif args.command == "validate":
             recipe = plugins.load_recipe(args.recipe, args.overrides)
             stages = ", ".join(f"{s.name} ({s.algorithm.name})" for s in recipe.stages)

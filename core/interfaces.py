@@ -134,6 +134,9 @@ class Dataset(Protocol):
 class Task(Protocol):
     """A built-in task: generated data with a known ground truth ("gold") scorer."""
 
+    #: split name -> one-line description
+    splits: dict[str, str]
+
     def vocabulary(self) -> list[str]:
         """Every word the task's text uses (for a word-level tokenizer)."""
         ...
@@ -144,6 +147,10 @@ class Task(Protocol):
 
     def gold_score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """The ground-truth score of each (prompt, response)."""
+        ...
+
+    def evaluate(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+        """Task-level metrics of responses (mean gold and its parts, accuracy...)."""
         ...
 
 

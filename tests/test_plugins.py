@@ -265,10 +265,14 @@ def test_presets_must_be_a_dict_of_mappings():
         load(("listy", plugin(rlhfkit_presets=lambda: ["fast"])))
 
 
+def no_components() -> list[rlhfkit.ComponentSpec]:
+    return []
+
+
 def test_extra_plugin_may_not_reuse_a_loaded_name():
     with pytest.raises(rlhfkit.PluginError, match="already loaded"):
-        load(("twin", plugin(rlhfkit_components=list)),
-             ("twin", plugin(rlhfkit_components=list)))
+        load(("twin", plugin(rlhfkit_components=no_components)),
+             ("twin", plugin(rlhfkit_components=no_components)))
 
 
 def test_exception_in_check_recipe_names_the_plugin(tmp_path):
