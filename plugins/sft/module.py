@@ -170,6 +170,8 @@ class SFT(L.LightningModule):
                                          "response": response, "reference": row.completion}) + "\n" for row, response in zip(self.sample_rows, responses, strict=True))
 
     def on_train_start(self) -> None:
+        # from_pretrained returns models in eval mode; SFT trains with the policy's dropout
+        self.model.train()
         self._last_time = time.perf_counter()
         if self.global_step == 0:
             self._evaluate("eval_before")
