@@ -58,6 +58,7 @@ class SFT(L.LightningModule):
         self.seed = context.seed
         self.policy = context.component("policy")
         self.model = self.policy.model
+        self.model.train()  # from_pretrained returns eval mode; SFT trains with the policy's dropout
         tokenizer = self.policy.tokenizer
         self.train_rows = [as_pair(r, tokenizer) for r in context.component("data").rows()]
         eval_data = context.component("eval_data")
@@ -170,8 +171,6 @@ class SFT(L.LightningModule):
                                          "response": response, "reference": row.completion}) + "\n" for row, response in zip(self.sample_rows, responses, strict=True))
 
     def on_train_start(self) -> None:
-        # from_pretrained returns models in eval mode; SFT trains with the policy's dropout
-        self.model.train()
         self._last_time = time.perf_counter()
         if self.global_step == 0:
             self._evaluate("eval_before")
