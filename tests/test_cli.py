@@ -16,7 +16,7 @@ def test_validate_ok():
 def test_three_mistakes_are_all_reported(tmp_path):
     recipe = tmp_path / "broken.yaml"
     text = (RECIPES / "quickstart.yaml").read_text()
-    text = text.replace("lr: 3.0e-3", "lr: -1")  # 1. out of range
+    text = text.replace("lr: 2.0e-3", "lr: -1")  # 1. out of range
     text = text.replace("family: gpt2,", "family: gpt3,")  # 2. not a family
     text = text.replace("\n    data: {name: builtin,", "\n    data: {name: bulitin,")  # 3. unknown component
     recipe.write_text(text)
