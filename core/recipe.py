@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
-from rlhfkit.registry import ComponentRef, Registry, error_message, ref
+from rlhfkit.registry import ComponentRef, Registry, error_message, ref, walk
 
 COMMAND_LINE = "command line"
 
@@ -172,7 +172,7 @@ def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] |
     for item in overrides:
         try:
             apply_override(data, item)
-            _record(origins, item.split("=", 1)[0], COMMAND_LINE)
+            origins[item.split("=", 1)[0]] = COMMAND_LINE
         except UserError as exc:
             problems.append(Problem(COMMAND_LINE, item.split("=", 1)[0], str(exc)))
     if problems:
@@ -279,10 +279,6 @@ def _origins_of(data: Any, origin: str, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _record(origins: dict[str, str], dotted: str, origin: str) -> None:
-    origins[dotted] = origin
-
-
 def _file_of(origins: dict[str, str], dotted: str, default: str) -> str:
     parts = dotted.split(".")
     for n in range(len(parts), 0, -1):
@@ -367,28 +363,8 @@ def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str
 
 
 def _stage_refs(stage: Stage) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-
-    def walk(value: Any, dotted: str) -> None:
-        if isinstance(value, StageRef):
-            found.append((dotted, str(value)))
-        elif isinstance(value, ComponentRef):
-            if value._config is not None:
-                walk(value._config, dotted)
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name), f"{dotted}.{name}" if dotted else name)
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{dotted}[{i}]")
-        elif isinstance(value, dict):
-            for k, item in value.items():
-                walk(item, f"{dotted}.{k}" if dotted else str(k))
-
-    walk(stage.algorithm, "algorithm")
-    for slot_name, value in stage.slots.items():
-        walk(value, slot_name)
-    return found
+    nodes = [*walk(stage.algorithm, "algorithm"), *(n for slot, v in stage.slots.items() for n in walk(v, slot))]
+    return [(path, str(value)) for path, value in nodes if isinstance(value, StageRef)]
 
 
 def _layout_hint(err: Any) -> str:

@@ -7,7 +7,7 @@ components and nothing else (no import paths).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -136,7 +136,7 @@ class Registry:
         Returns ``(dotted path, message, hint)`` for each problem (empty when valid).
         """
         problems: list[tuple[str, str, str]] = []
-        _resolve_one(self, reference, path, problems)
+        _resolve_tree(self, reference, path, problems)
         return problems
 
     def build(self, reference: ComponentRef | str, context: Any, kind: str | None = None) -> Any:
@@ -209,19 +209,30 @@ def ref(kind: str) -> type[ComponentRef]:
     return _REF_TYPES[kind]
 
 
-def _resolve_tree(registry: Registry, value: Any, path: str, problems: list[tuple[str, str, str]]) -> None:
-    """Find every ComponentRef in ``value`` and validate it (depth first)."""
+def walk(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every node of a config tree with its dotted path, parents first. A resolved
+    :class:`ComponentRef` is followed into its validated config (checked after the ref
+    itself was yielded, so a caller may resolve it on the way)."""
+    yield path, value
     if isinstance(value, ComponentRef):
-        _resolve_one(registry, value, path, problems)
+        children = [] if value._config is None else [(path, value._config)]
     elif isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            _resolve_tree(registry, getattr(value, name), f"{path}.{name}" if path else name, problems)
+        children = [(f"{path}.{n}" if path else n, getattr(value, n)) for n in type(value).model_fields]
     elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _resolve_tree(registry, item, f"{path}[{i}]", problems)
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
     elif isinstance(value, dict):
-        for key, item in value.items():
-            _resolve_tree(registry, item, f"{path}.{key}" if path else str(key), problems)
+        children = [(f"{path}.{k}" if path else str(k), item) for k, item in value.items()]
+    else:
+        children = []
+    for child_path, child in children:
+        yield from walk(child, child_path)
+
+
+def _resolve_tree(registry: Registry, value: Any, path: str, problems: list[tuple[str, str, str]]) -> None:
+    """Validate every ComponentRef in ``value``, nested ones included."""
+    for where, node in walk(value, path):
+        if isinstance(node, ComponentRef) and node._config is None:
+            _resolve_one(registry, node, where, problems)
 
 
 def _resolve_one(registry: Registry, reference: ComponentRef, path: str,
@@ -232,15 +243,12 @@ def _resolve_one(registry: Registry, reference: ComponentRef, path: str,
         return
     spec = registry.get(reference.kind, reference.name)
     try:
-        config = spec.config.model_validate(reference.settings)
+        reference._config = spec.config.model_validate(reference.settings)
     except ValidationError as exc:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             where = ".".join(part for part in (path, loc) if part)
             problems.append((where, error_message(err), _hint(err, spec)))
-        return
-    reference._config = config
-    _resolve_tree(registry, config, path, problems)
 
 
 def error_message(err: Any) -> str:
