@@ -56,3 +56,18 @@ def test_schema_and_plugins():
     assert "sft" in stage["properties"]["algorithm"]["anyOf"][0]["enum"]
     result = cli("plugins", "algorithm")
     assert result.returncode == 0 and "sft" in result.stdout and "lr" in result.stdout
+
+
+def test_broken_data_row_and_missing_model_are_one_paragraph(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "review the printer :", "completion": "the printer is great ."}\n'
+                    '{"prompt": "review the printer :"}\n')
+    result = cli("run", str(RECIPES / "quickstart.yaml"), f"run.dir={tmp_path / 'run'}",
+                 f"stages.sft.data={{name: file, path: {data}, schema: prompt-completion}}")
+    assert result.returncode == 2
+    assert "bad.jsonl line 2: field 'completion' is missing" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    result = cli("run", str(RECIPES / "quickstart.yaml"), f"run.dir={tmp_path / 'run2'}",
+                 f"stages.sft.policy={{name: transformers, path: {tmp_path / 'no-model'}}}")
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr and "Traceback" not in result.stderr
