@@ -103,6 +103,28 @@ class Rollout:
 
 
 @dataclass
+class RewardBatch:
+    """Reward-model scores of ranked completions: what reward-model objectives consume.
+
+    ``B`` prompts with ``K`` completions each (pairs are ``K = 2``, chosen first).
+
+    Attributes:
+        scores: ``[B, K]`` scalar rewards r(x, y_k).
+        ranks: ``[B, K]`` long, 0 is best; equal ranks are ties.
+        valid: ``[B, K]`` bool, False on padding (prompts with fewer than K completions).
+        margins: ``[B]`` label strength of a pair (Llama-2 style), or ``None``.
+        best_nll: ``[B]`` mean token NLL of each prompt's best completion under the
+            model's LM head, filled only when an objective sets ``needs_lm = True``.
+    """
+
+    scores: torch.Tensor
+    ranks: torch.Tensor
+    valid: torch.Tensor
+    margins: torch.Tensor | None = None
+    best_nll: torch.Tensor | None = None
+
+
+@dataclass
 class Advantages:
     """What an estimator returns: ``advantages`` ``[B, T]`` and, for critics, ``returns``
     ``[B, T]`` (the value targets)."""
