@@ -28,6 +28,7 @@ from rlhfkit.interfaces import (
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import Recipe, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, ref
+from rlhfkit.tokens import encode_pairs
 
 # torch and lightning load only when a plugin first asks for these names, so that
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
@@ -56,7 +57,7 @@ __all__ = [
     "Conversation", "DataError", "Dataset", "Estimator", "LossTerm", "Objective", "PluginError",
     "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
     "Recipe", "RecipeError", "Registry", "RewardBatch", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
-    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_write_text",
+    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_write_text", "encode_pairs",
     "entropy_from_logits", "gradient_sync", "hookimpl", "kl_estimate", "load_plugins", "load_recipe",
     "log_now", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "micro_batches", "optimizer_step", "rank_seed", "ref", "step_loader", "total_steps",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit import encode_pairs
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
@@ -62,40 +63,9 @@ class TransformersPolicy:
 
     def tokenize_pairs(self, prompts: Sequence[str], completions: Sequence[str], max_length: int,
                        add_eos: bool = True) -> dict[str, torch.Tensor]:
-        """Encode ``prompt + completion (+ EOS)`` for teacher forcing (SFT), right-padded.
-
-        Prompts get the tokenizer's own special tokens (e.g. a Llama BOS), completions none.
-        Over ``max_length``, tokens are dropped from the left of the prompt first: the
-        completion is what is learned, and the prompt's end is the context nearest to it.
-        A completion that alone exceeds ``max_length`` keeps its first ``max_length``
-        tokens (losing its EOS).
-
-        Returns:
-            ``input_ids``, ``attention_mask``, ``labels_mask``: ``[B, L]`` tensors on the
-            model's device, ``L <= max_length``; ``labels_mask`` is 1 on completion tokens
-            (EOS included), the positions whose prediction is trained.
-        """
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        prompt_rows = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        completion_rows = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-        eos = [self.tokenizer.eos_token_id] if add_eos else []
-        pairs = []
-        for prompt, completion in zip(prompt_rows, completion_rows):
-            completion = (completion + eos)[:max_length]
-            keep = max_length - len(completion)
-            pairs.append((prompt[len(prompt) - keep:] if len(prompt) > keep else prompt,
-                          completion))
-        width = max(len(p) + len(c) for p, c in pairs)
-        pad = self.tokenizer.pad_token_id
-        ids, attention, labels = [], [], []
-        for prompt, completion in pairs:
-            fill = width - len(prompt) - len(completion)
-            ids.append(prompt + completion + [pad] * fill)
-            attention.append([1] * (len(prompt) + len(completion)) + [0] * fill)
-            labels.append([0] * len(prompt) + [1] * len(completion) + [0] * fill)
-        return {name: torch.tensor(rows, device=self.device) for name, rows in
-                (("input_ids", ids), ("attention_mask", attention), ("labels_mask", labels))}
+        """:func:`rlhfkit.encode_pairs` as ``[B, L]`` tensors on the model's device."""
+        encoded = encode_pairs(self.tokenizer, prompts, completions, max_length, add_eos)
+        return {name: torch.tensor(rows, device=self.device) for name, rows in encoded.items()}
 
     # ------------------------------------------------------------------ sampling
 
