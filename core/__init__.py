@@ -5,6 +5,7 @@ The public API that plugins may import. Everything else is internal.
 
 from rlhfkit.context import StageContext
 from rlhfkit.errors import DataError, PluginError, Problem, RecipeError, UserError
+from rlhfkit.files import atomic_directory, atomic_write_text
 from rlhfkit.interfaces import (
     Advantages,
     Algorithm,
@@ -38,7 +39,7 @@ _LAZY = {
                     "masked_mean", "masked_sum", "masked_var", "masked_whiten", "whiten")},
     **{name: "rlhfkit.training"
        for name in ("gradient_sync", "log_now", "micro_batches", "optimizer_step", "rank_seed",
-                    "step_loader", "total_steps", "warmup_cosine", "atomic_write_text")},
+                    "step_loader", "total_steps", "warmup_cosine")},
 }
 
 
@@ -57,7 +58,8 @@ __all__ = [
     "Conversation", "DataError", "Dataset", "Estimator", "LossTerm", "Objective", "PluginError",
     "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
     "Recipe", "RecipeError", "Registry", "RewardBatch", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
-    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_write_text", "encode_pairs",
+    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_directory",
+    "atomic_write_text", "encode_pairs",
     "entropy_from_logits", "gradient_sync", "hookimpl", "kl_estimate", "load_plugins", "load_recipe",
     "log_now", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "micro_batches", "optimizer_step", "rank_seed", "ref", "step_loader", "total_steps",

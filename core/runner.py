@@ -29,6 +29,7 @@ from rich.table import Table
 
 from rlhfkit.context import StageContext
 from rlhfkit.errors import UserError
+from rlhfkit.files import atomic_write_text
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.recipe import Recipe, Stage
 from rlhfkit.training import (
@@ -36,7 +37,6 @@ from rlhfkit.training import (
     MetricsCSV,
     ResumableCheckpoint,
     RNGState,
-    atomic_write_text,
     build_trainer,
     rank_seed,
 )

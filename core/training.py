@@ -13,7 +13,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,6 @@ CHECKPOINT_NAME = "last.ckpt"
 def rank_seed(seed: int, rank: int) -> int:
     """Per-rank seed, ``seed + 100003 * rank`` (OpenAI lm-human-preferences)."""
     return seed + 100003 * rank
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

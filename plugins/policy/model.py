@@ -8,16 +8,13 @@ real tokens.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit import encode_pairs
+from rlhfkit import atomic_directory, encode_pairs
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
@@ -133,18 +130,9 @@ class TransformersPolicy:
         adapters. Files are written to a temporary sibling directory that then replaces
         ``directory``: a crash never leaves a half-written export behind.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        # Not tempfile.mkdtemp: its 0700 mode would stick to the export; mkdir honours umask.
-        staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-        staging.mkdir()
-        try:
+        with atomic_directory(Path(directory)) as staging:
             self.plain_model().save_pretrained(staging)  # transformers 5 writes safetensors
             self.tokenizer.save_pretrained(staging)
-            _replace_directory(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def plain_model(self) -> PreTrainedModel:
         """The transformers model, LoRA weights merged into a copy (memory: one more model)."""
@@ -159,14 +147,3 @@ def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tenso
     is_eos = (response_ids == eos_token_id).long()
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos
     return (eos_before == 0).long()
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then removed."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired)
