@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 import rlhfkit
+from rlhfkit.recipe import compose
 from rlhfkit.runner import run_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
@@ -18,7 +18,7 @@ PLUGINS = rlhfkit.load_plugins()
 
 def shrink(recipe_path: Path, run_dir: Path) -> list[str]:
     """Overrides that make every stage of a recipe tiny: 2 steps, a 1-layer model."""
-    data = yaml.safe_load(recipe_path.read_text())
+    data, _ = compose(recipe_path, PLUGINS.presets)  # with everything it extends
     overrides = [f"run.dir={run_dir}"]
     for name, stage in data["stages"].items():
         overrides += [f"stages.{name}.trainer.max_steps=2", f"stages.{name}.trainer.batch_size=4",

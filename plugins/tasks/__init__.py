@@ -2,10 +2,11 @@
 
 Contributes the tasks ``reviews`` (sentiment-rewarded product reviews, a multi-term gold
 score that a learned proxy can over-optimise) and ``knowledge`` (questions about fictional
-entities scored +1 / 0 / -4: the knowledge-boundary experiment), and the dataset
-``builtin``, which serves one split of a task::
+entities scored +1 / 0 / -4: the knowledge-boundary experiment), the dataset ``builtin``,
+which serves one split of a task, and the reward ``gold``, a task's ground-truth scorer::
 
     dataset: {name: builtin, task: {name: reviews, seed: 1}, split: preference}
+    reward: {name: gold, task: {name: reviews, seed: 1}}
 
 Generation is pure Python (``random.Random`` streams derived from the seed), needs no
 download and takes well under a second. See docs/tasks.md.
@@ -23,7 +24,7 @@ from rlhfkit import ComponentSpec, Row, StageContext, UserError, hookimpl, ref
 from rlhfkit.plugins.tasks.knowledge import KnowledgeConfig, KnowledgeTask
 from rlhfkit.plugins.tasks.reviews import ReviewsConfig, ReviewsTask
 
-__all__ = ["BuiltinDataConfig", "BuiltinDataset", "KnowledgeConfig", "KnowledgeTask",
+__all__ = ["BuiltinDataConfig", "BuiltinDataset", "GoldConfig", "KnowledgeConfig", "KnowledgeTask",
            "ReviewsConfig", "ReviewsTask", "rlhfkit_components"]
 
 
@@ -108,17 +109,22 @@ class BuiltinDataset:
         return rows if self.limit is None else rows[: self.limit]
 
 
-def make_builtin_dataset(config: BuiltinDataConfig, context: StageContext | None) -> BuiltinDataset:
+def _build_task(task: Any, context: StageContext | None, component: str) -> Any:
+    """The task a resolved task reference names: through the run's context (one instance per
+    run for equal settings), or without a run for this plugin's own tasks."""
     if context is not None:
-        task = context.build(config.task)
-    else:
-        build = _BUILD_WITHOUT_CONTEXT.get(type(config.task.config))
-        if build is None:
-            raise UserError(
-                f"the task {config.task.name!r} can only be built inside a run (it comes "
-                f"from another plugin); build the dataset with a StageContext."
-            )
-        task = build(config.task.config, None)
+        return context.build(task)
+    build = _BUILD_WITHOUT_CONTEXT.get(type(task.config))
+    if build is None:
+        raise UserError(
+            f"the task {task.name!r} can only be built inside a run (it comes from another "
+            f"plugin); build the {component} with a StageContext."
+        )
+    return build(task.config, None)
+
+
+def make_builtin_dataset(config: BuiltinDataConfig, context: StageContext | None) -> BuiltinDataset:
+    task = _build_task(config.task, context, "dataset")
     # Tasks of other plugins are only known once built.
     splits = getattr(task, "splits", {})
     if config.split not in splits:
@@ -127,6 +133,26 @@ def make_builtin_dataset(config: BuiltinDataConfig, context: StageContext | None
             f"set `split:` to one of: {', '.join(splits) or 'none (it declares no splits)'}."
         )
     return BuiltinDataset(task, config.split, config.limit)
+
+
+# ----------------------------------------------------------------- the reward
+
+
+class GoldConfig(BaseModel):
+    """A task's ground-truth scorer as a reward source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskRef = Field(  # type: ignore[valid-type]
+        description="the task whose gold score is the reward: a name (`knowledge`) or a "
+                    "mapping with its settings; equal settings share the data's task object")
+    scale: float = Field(1.0, description="multiply the gold score by this factor")
+
+
+def make_gold(config: GoldConfig, context: StageContext | None) -> Any:
+    from rlhfkit.plugins.tasks.gold import GoldReward  # torch loads only when a run builds it
+
+    return GoldReward(_build_task(config.task, context, "reward 'gold'"), config.scale)
 
 
 @hookimpl
@@ -143,4 +169,7 @@ def rlhfkit_components() -> list[ComponentSpec]:
         ComponentSpec(
             kind="dataset", name="builtin", config=BuiltinDataConfig,
             factory=make_builtin_dataset, doc="rows of a built-in task's split"),
+        ComponentSpec(
+            kind="reward", name="gold", config=GoldConfig, factory=make_gold,
+            doc="a task's ground-truth (gold) score, times `scale`: a rule reward"),
     ]

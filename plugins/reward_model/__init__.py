@@ -1,0 +1,79 @@
+"""Reward modelling (InstructGPT step 2) and the learned ``reward-model`` reward source.
+
+The algorithm puts a scalar head on a transformers backbone (the ``backbone`` slot takes
+any policy component, e.g. ``{name: transformers, from_stage: sft}``), scores every
+completion at its last real token, and trains with a swappable objective (``pairwise``,
+``kwise``, ``best-of-n``, ``ties``, ``margin``) plus optional regularisers (``lm-loss``,
+``centering``). It exports a standard ``AutoModelForSequenceClassification`` checkpoint
+(``num_labels=1``) whose config carries the reward normalisation. See
+docs/reward-model.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rlhfkit import ComponentSpec, Slot, StageContext, StageRef, hookimpl
+
+
+class RewardModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (seed 002)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay to this fraction of lr (InstructGPT: 10 %)")
+    max_length: int = Field(128, ge=2, description="prompt + completion tokens; prompts are cut on the left")
+    normalize_std: bool = Field(False, description="also scale rewards to unit std on the reference data")
+    eval_batch_size: int = Field(64, ge=1, description="completions per forward during evaluation")
+    report_examples: int = Field(4, ge=0, description="eval pairs shown with their scores in the report")
+
+
+SLOTS = {
+    "backbone": Slot("policy", doc="the transformer under the scalar head, e.g. {name: transformers, from_stage: sft}"),
+    "objective": Slot("objective", doc="the ranking loss: pairwise, kwise, best-of-n, ties or margin"),
+    "regularizers": Slot("objective", required=False, many=True, doc="loss terms added to it: lm-loss, centering"),
+    "data": Slot("dataset", doc="preference pairs or K-wise rankings"),
+    "eval_data": Slot("dataset", required=False, doc="held-out pairs: accuracy, score statistics, calibration"),
+    "reference_data": Slot("dataset", required=False,
+                           doc="completions that should score mean 0 after training (InstructGPT: demonstrations)"),
+}
+
+
+class RewardModelSourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(None, description="local directory of an exported reward model")
+    from_stage: StageRef | None = Field(None, description="the reward-model stage of this recipe to load")
+    max_length: int = Field(128, ge=2, description="prompt + response tokens scored (prompts cut on the left)")
+    batch_size: int = Field(64, ge=1, description="responses per forward")
+    normalize: bool = Field(True, description="apply the normalisation stored with the model (mean 0 on reference data)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardModelSourceConfig:
+        if (self.path is None) == (self.from_stage is None):
+            raise ValueError("set exactly one of `path` (an exported reward model directory) or `from_stage`")
+        return self
+
+
+def _build_algorithm(config: RewardModelConfig, context: StageContext) -> Any:
+    from rlhfkit.plugins.reward_model.module import RewardModelTraining
+
+    return RewardModelTraining(config, context)
+
+
+def _build_source(config: RewardModelSourceConfig, context: StageContext | None) -> Any:
+    from rlhfkit.plugins.reward_model.scoring import RewardModelSource
+
+    return RewardModelSource.load(config, context)
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(kind="algorithm", name="reward-model", config=RewardModelConfig, factory=_build_algorithm,
+                      slots=SLOTS, doc="train a scalar reward model on preferences or rankings (InstructGPT step 2)"),
+        ComponentSpec(kind="reward", name="reward-model", config=RewardModelSourceConfig, factory=_build_source,
+                      doc="scores from a trained reward model (an exported directory or an earlier stage)"),
+    ]

@@ -1,0 +1,229 @@
+"""The reward-model LightningModule: the step, evaluation, normalisation and export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rlhfkit import (
+    Preference,
+    Ranking,
+    RewardBatch,
+    StageContext,
+    UserError,
+    encode_pairs,
+    gradient_sync,
+    log_now,
+    logprobs_from_logits,
+    masked_mean,
+    micro_batches,
+    optimizer_step,
+    step_loader,
+    total_steps,
+    warmup_cosine,
+)
+from rlhfkit.plugins.reward_model import RewardModelConfig
+from rlhfkit.plugins.reward_model.report import evaluate_pairs, write_report
+from rlhfkit.plugins.reward_model.scoring import ScalarHead, causal_lm, export_classifier, score_and_logits
+
+
+def as_ranking(row: Any) -> tuple[Ranking, float]:
+    """A training row as a ranking (pairs: chosen first) and its margin (NaN if none)."""
+    if isinstance(row, Ranking):
+        return row, float("nan")
+    if isinstance(row, Preference):
+        margin = float("nan") if row.margin is None else row.margin
+        return Ranking(row.prompt, (row.chosen, row.rejected), (0, 1)), margin
+    raise UserError(f"the reward-model algorithm trains on preference or ranking rows, not "
+                    f"{type(row).__name__}; point `data:` at such a dataset.")
+
+
+class RewardModelTraining(L.LightningModule):
+    def __init__(self, config: RewardModelConfig, context: StageContext):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.section = context.trainer
+        self.stage_dir = Path(context.stage_dir)
+        self.seed = context.seed
+        self.backbone = context.component("backbone")
+        self.model = self.backbone.model
+        self.model.train()
+        hidden = causal_lm(self.model).config.get_text_config().hidden_size
+        self.head = ScalarHead(hidden)
+        self.objective = context.component("objective")
+        self.regularizers = context.component("regularizers") or []
+        self.needs_lm = any(getattr(term, "needs_lm", False) for term in [self.objective, *self.regularizers])
+        self.rows = [as_ranking(r) for r in context.component("data").rows()]
+        eval_data = context.component("eval_data")
+        self.eval_rows = [r for r in eval_data.rows() if isinstance(r, Preference)] if eval_data else []
+        reference = context.component("reference_data")
+        self.reference_rows = list(reference.rows()) if reference else []
+        self.total_steps = total_steps(self.section, len(self.rows))
+        self.history: dict[str, Any] = {}
+        self._last_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ data
+    def _collate(self, rows: list[tuple[Ranking, float]]) -> dict[str, torch.Tensor]:
+        """Token tensors ``[B, K, L]`` of every completion of every prompt, padded to the
+        batch's largest K with copies of the first one (``valid`` False), and the labels
+        ``ranks, valid [B, K]``, ``margins [B]`` (NaN where the data has none)."""
+        k = max(len(r.completions) for r, _ in rows)
+        prompts, completions, ranks, valid = [], [], [], []
+        for row, _ in rows:
+            pad = k - len(row.completions)
+            completions += list(row.completions) + [row.completions[0]] * pad
+            prompts += [row.prompt] * k
+            ranks.append(list(row.ranks) + [0] * pad)
+            valid.append([True] * len(row.completions) + [False] * pad)
+        encoded = encode_pairs(self.backbone.tokenizer, prompts, completions, self.config.max_length)
+        batch = {name: torch.tensor(values).view(len(rows), k, -1) for name, values in encoded.items()}
+        return batch | {"ranks": torch.tensor(ranks), "valid": torch.tensor(valid),
+                        "margins": torch.tensor([margin for _, margin in rows])}
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return step_loader(self.rows, self._collate, self.section, self.seed, self.total_steps,
+                           position=lambda: self.trainer.global_step, rank=self.global_rank)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, betas=self.config.betas,
+                                      weight_decay=self.config.weight_decay)
+        scheduler = warmup_cosine(optimizer, self.config.warmup_steps, self.total_steps, self.config.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ loss
+    def _loss(self, chunk: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        b, k = chunk["ranks"].shape
+        flat = {name: chunk[name].flatten(0, 1) for name in ("input_ids", "attention_mask", "labels_mask")}
+        scores, logits = score_and_logits(self.model, self.head, flat["input_ids"], flat["attention_mask"],
+                                          with_logits=self.needs_lm)
+        batch = RewardBatch(scores=scores.view(b, k), ranks=chunk["ranks"], valid=chunk["valid"],
+                            margins=None if chunk["margins"].isnan().all() else chunk["margins"])
+        if logits is not None:
+            batch.best_nll = self._best_nll(flat, chunk["ranks"], chunk["valid"], logits)
+        terms = [self.objective(batch), *(term(batch) for term in self.regularizers)]
+        metrics = {name: value for term in terms for name, value in term.metrics.items()}
+        return sum(term.loss for term in terms), metrics
+
+    @staticmethod
+    def _best_nll(flat: dict[str, torch.Tensor], ranks: torch.Tensor, valid: torch.Tensor,
+                  logits: torch.Tensor) -> torch.Tensor:
+        """``[B]`` mean token NLL of each prompt's best completion (the Askell LM term)."""
+        logprobs = logprobs_from_logits(logits[:, :-1], flat["input_ids"][:, 1:])
+        mask = flat["labels_mask"][:, 1:].to(logprobs.dtype)
+        per_sequence = -masked_mean(logprobs, mask, dim=1).view(ranks.shape)
+        ranks = ranks.masked_fill(~valid, torch.iinfo(ranks.dtype).max)
+        return per_sequence.gather(1, ranks.argmin(1, keepdim=True)).squeeze(1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # 1. forward/backward micro-batches of whole prompts; each prompt weighs the same
+        rows = batch["ranks"].shape[0]
+        world = self.trainer.world_size
+        chunks = micro_batches(batch, self.section.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            n = chunk["ranks"].shape[0]
+            with gradient_sync(self, last=i == len(chunks) - 1):
+                loss, metrics = self._loss(chunk)
+                self.manual_backward(loss * n / self.section.batch_size * world)
+            loss_sum += loss.detach() * n
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * n
+        # 2. clip, step, schedule
+        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        # 3. metrics on logging steps (this rank's rows; the loss is reduced over ranks)
+        step = self.global_step
+        if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            loss = self.trainer.strategy.reduce(loss_sum / rows, reduce_op="mean")
+            self.log_dict({"step": float(step), "train/loss": loss, "train/grad_norm": grad_norm,
+                           "train/lr": self.lr_schedulers().get_last_lr()[0],
+                           "train/rows_per_s": rows * world * self.section.log_every_n_steps / (now - self._last_time),
+                           **{f"train/{name}": value / rows for name, value in metric_sums.items()}},
+                          prog_bar=True)
+            self._last_time = now
+        if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
+            self._evaluate("eval")
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def scores(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Raw scores ``[N]`` of (prompt, completion) pairs, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for i in range(0, len(prompts), self.config.eval_batch_size):
+            encoded = encode_pairs(self.backbone.tokenizer, prompts[i:i + self.config.eval_batch_size],
+                                   completions[i:i + self.config.eval_batch_size], self.config.max_length)
+            ids, mask = (torch.tensor(encoded[n], device=self.device) for n in ("input_ids", "attention_mask"))
+            out.append(score_and_logits(self.model, self.head, ids, mask, with_logits=False)[0])
+        self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def _evaluate(self, key: str) -> dict[str, Any] | None:
+        if not self.eval_rows:
+            return None
+        rows = self.eval_rows[self.global_rank::self.trainer.world_size]
+        chosen = self.scores([r.prompt for r in rows], [r.chosen for r in rows])
+        rejected = self.scores([r.prompt for r in rows], [r.rejected for r in rows])
+        result = evaluate_pairs(chosen, rejected, self.trainer.strategy)
+        self.history[key] = {k: v for k, v in result.items() if k != "bins"}
+        log_now(self, {f"eval/{name}": value for name, value in self.history[key].items()})
+        if key == "eval" and self.trainer.is_global_zero:
+            examples = self.eval_rows[: self.config.report_examples]
+            shown = list(zip(examples, chosen[: len(examples)].tolist(), rejected[: len(examples)].tolist(),
+                             strict=True))
+            write_report(self.stage_dir / "eval", result, shown)
+        return result
+
+    def normalization(self) -> dict[str, float] | None:
+        """Mean (and std) of the raw scores of the reference completions."""
+        if not self.reference_rows:
+            return None
+        prompts = [getattr(r, "prompt", "") for r in self.reference_rows]
+        completions = [getattr(r, "completion", None) or getattr(r, "chosen", None) for r in self.reference_rows]
+        if any(c is None for c in completions):
+            raise UserError("reference_data must hold prompt-completion or preference rows (their completions "
+                            "or chosen responses are scored to mean 0)")
+        scores = self.scores(prompts, completions)
+        std = float(scores.std()) if self.config.normalize_std and len(scores) > 1 else 1.0
+        return {"mean": float(scores.mean()), "std": std}
+
+    def on_train_start(self) -> None:
+        self._last_time = time.perf_counter()
+        if self.global_step == 0:
+            self._evaluate("eval_before")
+
+    def on_train_end(self) -> None:
+        self._evaluate("eval")
+        self.history["normalization"] = self.normalization()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reward_model_history"] = json.dumps(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = json.loads(checkpoint.get("reward_model_history", "{}"))
+
+    # ---------------------------------------------------------------- output
+    def export(self, directory: Path) -> None:
+        export_classifier(causal_lm(self.backbone.plain_model()), self.head, self.backbone.tokenizer,
+                          directory, self.history.get("normalization"))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.global_step}
+        for key, prefix in (("eval_before", "before_"), ("eval", "")):
+            for name, value in (self.history.get(key) or {}).items():
+                out[f"{prefix}{name}"] = value
+        if self.history.get("normalization"):
+            out["reward_mean_removed"] = self.history["normalization"]["mean"]
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            out["train_loss"] = float(loss)
+        return out
