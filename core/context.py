@@ -13,7 +13,8 @@ from rlhfkit.registry import ComponentRef, Registry
 
 @dataclass
 class StageContext:
-    """The run a component is built for.
+    """The run a component is built for. ``StageContext(registry)`` alone builds
+    components (nested ones included) outside any run, e.g. in tests and notebooks.
 
     Attributes:
         registry: the component registry (build nested components with :meth:`build`).
@@ -28,8 +29,8 @@ class StageContext:
     """
 
     registry: Registry
-    stage: str
-    stage_dir: Path
+    stage: str = "standalone"
+    stage_dir: Path = field(default_factory=Path.cwd)
     seed: int = 0
     exports: dict[str, Path] = field(default_factory=dict)
     slots: dict[str, Any] = field(default_factory=dict)
