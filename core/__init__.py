@@ -38,7 +38,7 @@ _LAZY = {
        for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "logprobs_from_logits",
                     "masked_mean", "masked_sum", "masked_var", "masked_whiten", "whiten")},
     **{name: "rlhfkit.training"
-       for name in ("gradient_sync", "log_now", "micro_batches", "optimizer_step", "rank_seed",
+       for name in ("gradient_sync", "log_now", "log_step", "micro_batches", "optimizer_step", "rank_seed",
                     "step_loader", "total_steps", "warmup_cosine")},
 }
 
@@ -61,7 +61,7 @@ __all__ = [
     "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_directory",
     "atomic_write_text", "encode_pairs",
     "entropy_from_logits", "gradient_sync", "hookimpl", "kl_estimate", "load_plugins", "load_recipe",
-    "log_now", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "log_now", "log_step", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "micro_batches", "optimizer_step", "rank_seed", "ref", "step_loader", "total_steps",
     "warmup_cosine", "whiten",
 ]

@@ -325,6 +325,13 @@ def gradient_sync(module: L.LightningModule, last: bool) -> Any:
     return contextlib.nullcontext()
 
 
+def log_step(module: L.LightningModule, metrics: dict[str, Any]) -> None:
+    """Log a row of training metrics at the current optimizer step (under manual
+    optimization Lightning's own logging step lags the optimizer step by one)."""
+    module.log("step", float(module.global_step))
+    module.log_dict(metrics, prog_bar=True)
+
+
 def log_now(module: L.LightningModule, metrics: dict[str, float]) -> None:
     """Write metrics at the current step straight to the loggers (rank 0), for values
     computed outside ``training_step`` (evaluations at start and end)."""

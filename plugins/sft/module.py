@@ -17,6 +17,7 @@ from rlhfkit import (
     UserError,
     gradient_sync,
     log_now,
+    log_step,
     logprobs_from_logits,
     micro_batches,
     optimizer_step,
@@ -119,13 +120,12 @@ class SFT(L.LightningModule):
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
             now = time.perf_counter()
             loss = strategy.reduce(loss_sum, reduce_op="sum") / global_tokens
-            self.log_dict({
-                "step": float(step),  # the optimizer step (Lightning's own counter lags by one)
+            log_step(self, {
                 "train/loss": loss,
                 "train/lr": self.lr_schedulers().get_last_lr()[0],
                 "train/grad_norm": grad_norm,
                 "train/tokens_per_s": global_tokens * self.section.log_every_n_steps / (now - self._last_time),
-            }, prog_bar=True)
+            })
             self._last_time = now
         if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
             self._evaluate("eval")
