@@ -27,7 +27,7 @@ from rlhfkit.interfaces import (
     Task,
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
-from rlhfkit.recipe import Recipe, StageRef, TrainerSection, load_recipe
+from rlhfkit.recipe import OptimizerSettings, Recipe, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, ref
 from rlhfkit.tokens import encode_pairs
 
@@ -35,11 +35,12 @@ from rlhfkit.tokens import encode_pairs
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
 _LAZY = {
     **{name: "rlhfkit.ops"
-       for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "logprobs_from_logits",
-                    "masked_mean", "masked_sum", "masked_var", "masked_whiten", "whiten")},
+       for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "last_real_index",
+                    "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+                    "positions_from_mask", "whiten")},
     **{name: "rlhfkit.training"
        for name in ("gradient_sync", "log_now", "log_step", "micro_batches", "optimizer_step", "rank_seed",
-                    "step_loader", "total_steps", "warmup_cosine")},
+                    "step_loader", "total_steps", "adamw")},
 }
 
 
@@ -54,14 +55,65 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
-    "KINDS", "Advantages", "Algorithm", "ComponentRef", "ComponentSpec", "Constraint",
-    "Conversation", "DataError", "Dataset", "Estimator", "LossTerm", "Objective", "PluginError",
-    "Plugins", "Policy", "Preference", "Problem", "Prompt", "PromptCompletion", "Ranking",
-    "Recipe", "RecipeError", "Registry", "RewardBatch", "RewardSource", "Rollout", "Row", "RunningMoments", "Slot",
-    "StageContext", "StageRef", "Task", "TrainerSection", "UserError", "atomic_directory",
-    "atomic_write_text", "encode_pairs",
-    "entropy_from_logits", "gradient_sync", "hookimpl", "kl_estimate", "load_plugins", "load_recipe",
-    "log_now", "log_step", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
-    "micro_batches", "optimizer_step", "rank_seed", "ref", "step_loader", "total_steps",
-    "warmup_cosine", "whiten",
+    "KINDS",
+    "Advantages",
+    "Algorithm",
+    "ComponentRef",
+    "ComponentSpec",
+    "Constraint",
+    "Conversation",
+    "DataError",
+    "Dataset",
+    "Estimator",
+    "LossTerm",
+    "Objective",
+    "OptimizerSettings",
+    "PluginError",
+    "Plugins",
+    "Policy",
+    "Preference",
+    "Problem",
+    "Prompt",
+    "PromptCompletion",
+    "Ranking",
+    "Recipe",
+    "RecipeError",
+    "Registry",
+    "RewardBatch",
+    "RewardSource",
+    "Rollout",
+    "Row",
+    "RunningMoments",
+    "Slot",
+    "StageContext",
+    "StageRef",
+    "Task",
+    "TrainerSection",
+    "UserError",
+    "adamw",
+    "atomic_directory",
+    "atomic_write_text",
+    "encode_pairs",
+    "entropy_from_logits",
+    "gradient_sync",
+    "hookimpl",
+    "kl_estimate",
+    "last_real_index",
+    "load_plugins",
+    "load_recipe",
+    "log_now",
+    "log_step",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "micro_batches",
+    "optimizer_step",
+    "positions_from_mask",
+    "rank_seed",
+    "ref",
+    "step_loader",
+    "total_steps",
+    "whiten",
 ]

@@ -13,6 +13,19 @@ import torch
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[N, L]`` position ids 0, 1, 2... over each row's real tokens (0 on padding before
+    them), so a left- or right-padded row is encoded exactly as it would be alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """``[N, L] -> [N]`` column of each row's last nonzero mask entry (left or right
+    padding); 0 for an all-zero row."""
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    return (columns * (mask != 0)).argmax(-1)
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is 1. ``x, mask: [...]``; over all entries or ``dim``."""
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)

@@ -52,6 +52,20 @@ class RunSection(BaseModel):
     seed: int = Field(0, description="base seed; rank r uses seed + 100003 * r (OpenAI detail)")
 
 
+class OptimizerSettings(BaseModel):
+    """AdamW with linear warmup and cosine decay: the settings every training algorithm
+    shares (subclass it, or nest it for a second model such as a critic)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (InstructGPT, DeepSpeed-Chat, MOSS)")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (MOSS-RLHF uses 1e-6)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr "
+                                                                "(InstructGPT: 10 %)")
+
+
 class TrainerSection(BaseModel):
     """How Lightning runs a stage, and the batch every algorithm optimises on.
 

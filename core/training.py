@@ -13,7 +13,7 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from rlhfkit.recipe import TrainerSection
+from rlhfkit.recipe import OptimizerSettings, TrainerSection
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -304,8 +304,19 @@ def optimizer_step(module: L.LightningModule, gradient_clip: float | None) -> to
     return norm
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
-                  final_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def adamw(groups: Sequence[tuple[Iterable[torch.nn.Parameter], OptimizerSettings]], total: int) -> dict[str, Any]:
+    """What ``configure_optimizers`` returns: one AdamW with a parameter group per
+    ``(parameters, settings)`` (e.g. policy and critic, each with its own lr, betas, eps
+    and weight decay) and a per-step warmup-cosine schedule for each group."""
+    param_groups = [{"params": [p for p in params if p.requires_grad], "lr": s.lr, "betas": s.betas, "eps": s.eps,
+                     "weight_decay": s.weight_decay} for params, s in groups]
+    optimizer = torch.optim.AdamW(param_groups)
+    factors = [warmup_cosine_factor(s.warmup_steps, total, s.final_lr_ratio) for _, s in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine_factor(warmup: int, total: int, final_ratio: float) -> Callable[[int], float]:
     """Linear warmup over ``warmup`` steps, then cosine decay to ``final_ratio`` x lr."""
 
     def factor(step: int) -> float:
@@ -314,7 +325,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 def gradient_sync(module: L.LightningModule, last: bool) -> Any:

@@ -15,16 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhfkit import ComponentSpec, Slot, StageContext, StageRef, hookimpl
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, StageRef, hookimpl
 
 
-class RewardModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (seed 002)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay to this fraction of lr (InstructGPT: 10 %)")
+class RewardModelConfig(OptimizerSettings):
+    """AdamW and schedule settings (:class:`rlhfkit.OptimizerSettings`), then these:"""
+
     max_length: int = Field(128, ge=2, description="prompt + completion tokens; prompts are cut on the left")
     normalize_std: bool = Field(False, description="also scale rewards to unit std on the reference data")
     eval_batch_size: int = Field(64, ge=1, description="completions per forward during evaluation")

@@ -16,16 +16,17 @@ from rlhfkit import (
     RewardBatch,
     StageContext,
     UserError,
+    adamw,
     encode_pairs,
     gradient_sync,
     log_now,
+    log_step,
     logprobs_from_logits,
     masked_mean,
     micro_batches,
     optimizer_step,
     step_loader,
     total_steps,
-    warmup_cosine,
 )
 from rlhfkit.plugins.reward_model import RewardModelConfig
 from rlhfkit.plugins.reward_model.report import evaluate_pairs, write_report
@@ -91,11 +92,7 @@ class RewardModelTraining(L.LightningModule):
                            position=lambda: self.trainer.global_step, rank=self.global_rank)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, betas=self.config.betas,
-                                      weight_decay=self.config.weight_decay)
-        scheduler = warmup_cosine(optimizer, self.config.warmup_steps, self.total_steps, self.config.final_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw([([*self.model.parameters(), *self.head.parameters()], self.config)], self.total_steps)
 
     # ------------------------------------------------------------------ loss
     def _loss(self, chunk: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -143,11 +140,10 @@ class RewardModelTraining(L.LightningModule):
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
             now = time.perf_counter()
             loss = self.trainer.strategy.reduce(loss_sum / rows, reduce_op="mean")
-            self.log_dict({"step": float(step), "train/loss": loss, "train/grad_norm": grad_norm,
-                           "train/lr": self.lr_schedulers().get_last_lr()[0],
-                           "train/rows_per_s": rows * world * self.section.log_every_n_steps / (now - self._last_time),
-                           **{f"train/{name}": value / rows for name, value in metric_sums.items()}},
-                          prog_bar=True)
+            log_step(self, {"train/loss": loss, "train/grad_norm": grad_norm,
+                            "train/lr": self.lr_schedulers().get_last_lr()[0],
+                            "train/rows_per_s": rows * world * self.section.log_every_n_steps / (now - self._last_time),
+                            **{f"train/{name}": value / rows for name, value in metric_sums.items()}})
             self._last_time = now
         if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
             self._evaluate("eval")

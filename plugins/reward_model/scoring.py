@@ -1,8 +1,9 @@
 """The scalar head, export to ``AutoModelForSequenceClassification``, and scoring.
 
-Shapes: ``N`` sequences of ``L`` tokens, right-padded (``rlhfkit.encode_pairs``); the
-score of a sequence is the head applied to the backbone's last hidden state at its last
-real token (EOS), exactly where transformers' sequence classifiers read it.
+Shapes: ``N`` sequences of ``L`` tokens, right-padded (``rlhfkit.encode_pairs``) or
+left-padded; the score of a sequence is the head applied to the backbone's last hidden
+state at its last real token (EOS), exactly where transformers' sequence classifiers read
+it. Position ids follow the attention mask, so both paddings give the same scores.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 import torch
 
-from rlhfkit import StageContext, UserError, atomic_directory, encode_pairs
+from rlhfkit import (
+    StageContext,
+    UserError,
+    atomic_directory,
+    encode_pairs,
+    last_real_index,
+    positions_from_mask,
+)
 
 NORMALIZATION_KEY = "rlhfkit_reward_normalization"
 
@@ -22,11 +30,6 @@ NORMALIZATION_KEY = "rlhfkit_reward_normalization"
 def causal_lm(model: torch.nn.Module) -> Any:
     """The transformers causal LM inside ``model`` (unwrapping a peft model)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[N, L] -> [N]``: position of each row's last real token (right padding)."""
-    return attention_mask.sum(-1).long() - 1
 
 
 class ScalarHead(torch.nn.Module):
@@ -40,7 +43,7 @@ class ScalarHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``hidden [N, L, H]``, ``attention_mask [N, L]`` -> scores ``[N]``."""
-        last = last_token_index(attention_mask)
+        last = last_real_index(attention_mask)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.score(picked).squeeze(-1).float()
 
@@ -49,7 +52,8 @@ def score_and_logits(model: torch.nn.Module, head: ScalarHead, input_ids: torch.
                      attention_mask: torch.Tensor, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One backbone forward: scores ``[N]`` and, when asked, LM logits ``[N, L, V]``."""
     lm = causal_lm(model)
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=positions_from_mask(attention_mask)).last_hidden_state
     logits = lm.get_output_embeddings()(hidden) if with_logits else None
     return head(hidden, attention_mask), logits
 
@@ -109,8 +113,9 @@ class RewardModelSource:
         for i in range(0, len(prompts), self.batch_size):
             encoded = encode_pairs(self.tokenizer, prompts[i:i + self.batch_size],
                                    responses[i:i + self.batch_size], self.max_length)
+            mask = torch.tensor(encoded["attention_mask"], device=device)
             logits = self.model(input_ids=torch.tensor(encoded["input_ids"], device=device),
-                                attention_mask=torch.tensor(encoded["attention_mask"], device=device)).logits
+                                attention_mask=mask, position_ids=positions_from_mask(mask)).logits
             out.append(logits[:, 0].float())
         return torch.cat(out) if out else torch.zeros(0)
 

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from rlhfkit import ComponentSpec, Slot, StageContext, hookimpl
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (InstructGPT/DeepSpeed-Chat)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+class SFTConfig(OptimizerSettings):
+    """AdamW and schedule settings (:class:`rlhfkit.OptimizerSettings`), then these:"""
+
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (plain LM pretraining)")
     max_length: int = Field(128, ge=2, description="prompt + completion tokens; longer prompts are cut on the left")
     eval_batch_size: int = Field(64, ge=1, description="rows per forward when computing held-out perplexity")

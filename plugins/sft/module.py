@@ -15,6 +15,7 @@ from rlhfkit import (
     PromptCompletion,
     StageContext,
     UserError,
+    adamw,
     gradient_sync,
     log_now,
     log_step,
@@ -23,7 +24,6 @@ from rlhfkit import (
     optimizer_step,
     step_loader,
     total_steps,
-    warmup_cosine,
 )
 from rlhfkit.plugins.sft import SFTConfig
 
@@ -83,12 +83,7 @@ class SFT(L.LightningModule):
                            position=lambda: self.trainer.global_step, rank=self.global_rank)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, betas=self.config.betas,
-                                      weight_decay=self.config.weight_decay)
-        scheduler = warmup_cosine(optimizer, self.config.warmup_steps, self.total_steps,
-                                  self.config.final_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw([(self.model.parameters(), self.config)], self.total_steps)
 
     # ------------------------------------------------------------------ loss
     def _token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
