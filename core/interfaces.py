@@ -77,14 +77,21 @@ class Rollout:
         prompt_mask: ``[B, P]`` 1 on real prompt tokens.
         response_ids: ``[B, T]`` right-padded sampled tokens.
         response_mask: ``[B, T]`` 1 on response tokens up to and including EOS.
-        logprobs: ``[B, T]`` log pi_old of the sampled tokens at rollout time.
+        logprobs: ``[B, T]`` log pi_old of the sampled tokens at rollout time (on
+            ``logits / temperature``), 0 on padding.
         prompts, responses: the decoded text, for reward sources and logging.
-        group: ``[B]`` index of the prompt each sample came from (group sampling).
-        ref_logprobs: ``[B, T]`` log pi_ref, filled in after sampling.
-        values: ``[B, T]`` critic values, filled in by estimators that own a critic.
-        scores: ``[B]`` sequence scores from the reward source.
-        rewards: ``[B, T]`` per-token rewards after the constraints shaped them.
+        group: ``[B]`` index of the prompt each sample came from (group sampling: the
+            samples of one prompt share it).
         truncated: ``[B]`` True where the response hit the length limit without EOS.
+        ref_logprobs: ``[B, T]`` log pi_ref, filled in after sampling.
+        values: ``[B, T]`` critic values at rollout time (estimators with a critic).
+        scores: ``[B]`` sequence scores: the reward source's, then as constraints shape
+            them (normalise, clip, missing-EOS penalty).
+        rewards: ``[B, T]`` per-token rewards: constraints add to them (KL in reward) and
+            the algorithm adds ``scores`` at the last real token.
+        advantages, returns: ``[B, T]`` from the estimator (returns: critic targets).
+        extras: per-sample ``[B, ...]`` tensors an estimator or constraint needs beyond
+            these (e.g. a greedy baseline's scores); sliced with the rest.
     """
 
     prompt_ids: torch.Tensor
@@ -100,6 +107,27 @@ class Rollout:
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The samples at ``index`` (a 1-D long tensor), every field sliced alike."""
+        picked = index.tolist()
+        values: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, list):
+                values[name] = [value[i] for i in picked]
+            elif isinstance(value, dict):
+                values[name] = {k: v[index.to(v.device)] for k, v in value.items()}
+            elif value is not None:
+                values[name] = value[index.to(value.device)]
+            else:
+                values[name] = None
+        return Rollout(**values)
 
 
 @dataclass
@@ -204,26 +232,70 @@ class RewardSource(Protocol):
 
 @runtime_checkable
 class Estimator(Protocol):
-    """Turns a scored rollout into advantages (and returns)."""
+    """Turns a scored rollout into advantages (and returns).
+
+    An estimator that owns a critic (``gae``) sets ``critic`` to the ``nn.Module`` the
+    algorithm trains alongside the policy (with ``critic_optimizer`` settings), fills
+    ``rollout.values`` in ``prepare`` and returns its loss from ``critic_loss``;
+    critic-free estimators set ``critic = None`` and return ``None`` there. Optional
+    methods (called when present): ``bind(algorithm)`` once before training, with the
+    algorithm's documented attributes (docs/ppo-details.md); ``state_dict`` /
+    ``load_state_dict`` for state beyond the critic's weights.
+    """
+
+    critic: torch.nn.Module | None
+
+    def prepare(self, rollout: Rollout) -> None:
+        """Fill what ``estimate`` needs from models (no grad), e.g. ``rollout.values``."""
+        ...
 
     def estimate(self, rollout: Rollout) -> Advantages: ...
+
+    def critic_loss(self, minibatch: Rollout) -> LossTerm | None: ...
+
+
+@dataclass
+class PolicyOutput:
+    """The policy's forward on a minibatch of a rollout, for loss terms.
+
+    ``logprobs`` ``[B, T]`` of the sampled tokens (with grad, on ``logits /
+    temperature``); ``entropy`` ``[B, T]`` (with grad only when a loss term asked for it
+    with ``needs_entropy = True``); ``mask`` ``[B, T]`` float response mask;
+    ``global_tokens``: the divisor of a ``global-token-mean`` loss (DAPO) for this
+    micro-batch: the global minibatch's response tokens / (ranks x micro-batches), so
+    that the micro-batch losses, accumulated and averaged over ranks, sum to
+    ``Σ L / tokens of the minibatch``.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor
+    global_tokens: float = 1.0
 
 
 @runtime_checkable
 class Constraint(Protocol):
-    """Shapes rewards, adds a loss term and/or updates after an optimizer step.
+    """Shapes rewards, adds a loss term and/or updates state after an iteration.
 
-    Each method may return ``None`` when the constraint does not act at that point.
+    Every method is optional: the algorithm calls those a constraint has, in recipe
+    order. ``bind(algorithm)`` comes first, once (the policy, reference model, tokenizer
+    and device it may use are listed in docs/ppo-details.md); ``state_dict`` /
+    ``load_state_dict`` make its state (running moments, a KL coefficient) part of the
+    resumable checkpoint. ``needs_entropy = True`` asks for an entropy with grad.
     """
 
-    def shape_rewards(self, rollout: Rollout) -> LossTerm | None:
-        """Return per-token reward changes ``[B, T]`` in ``LossTerm.loss`` (added to
-        ``rollout.rewards`` by the algorithm, in recipe order)."""
+    def shape_rewards(self, rollout: Rollout) -> dict[str, float] | None:
+        """Change ``rollout.scores`` ``[B]`` and/or ``rollout.rewards`` ``[B, T]`` in
+        place (before the scores are placed on the last token); return metrics."""
         ...
 
-    def loss(self, rollout: Rollout, logprobs: torch.Tensor) -> LossTerm | None: ...
+    def loss(self, minibatch: Rollout, output: PolicyOutput) -> LossTerm | None:
+        """A term added to the policy loss of each minibatch."""
+        ...
 
-    def after_update(self, rollout: Rollout) -> dict[str, float] | None: ...
+    def after_update(self, rollout: Rollout) -> dict[str, float] | None:
+        """Called after each iteration's updates (adaptive KL, reference EMA)."""
+        ...
 
 
 @runtime_checkable

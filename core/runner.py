@@ -70,6 +70,8 @@ def quiet_libraries() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # RL algorithms keep every model in eval mode on purpose (no dropout during RL)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as transformers_logging
@@ -135,7 +137,8 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     if rank == 0:
         verb = "resuming from " + str(checkpoint) if resume else "starting"
         console.print(f"[bold]stage {stage.name}[/] ({stage.algorithm.name}): {verb}; "
-                      f"{module.total_steps} steps, {stage.trainer.explain_batch()}")
+                      f"{module.total_steps} steps, {stage.trainer.explain_batch()}"
+                      + (f"; {module.explain()}" if hasattr(module, "explain") else ""))
     started = time.perf_counter()
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
     summary: dict[str, Any] = {}

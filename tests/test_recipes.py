@@ -29,6 +29,11 @@ def shrink(recipe_path: Path, run_dir: Path) -> list[str]:
             overrides += [f"stages.{name}.policy.architecture.layers=1",
                           f"stages.{name}.policy.architecture.hidden=16",
                           f"stages.{name}.policy.architecture.heads=2"]
+        algorithm = stage.get("algorithm")
+        if isinstance(algorithm, dict) and algorithm.get("name") == "ppo":  # 4 responses: 1 update per iteration
+            overrides += [f"stages.{name}.algorithm.prompts_per_iteration=4", f"stages.{name}.algorithm.epochs=1",
+                          f"stages.{name}.algorithm.sampling.max_new_tokens=6",
+                          f"stages.{name}.algorithm.eval_prompts=4"]
         if isinstance(stage.get("eval_data"), dict):
             overrides.append(f"stages.{name}.eval_data.limit=8")
     return overrides

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
 )
+from transformers.utils import logging as transformers_logging
 
 from rlhfkit import StageContext, UserError
 from rlhfkit.plugins.policy.config import ArchitectureConfig, LoraSettings, TransformersPolicyConfig
@@ -145,8 +146,16 @@ def _load_model(directory: Path, config: TransformersPolicyConfig, dtype: torch.
         model_config = AutoConfig.from_pretrained(directory, **options)
         if config.dropout is not None:
             override_dropout(model_config, config.dropout)
-        return AutoModelForCausalLM.from_pretrained(directory, config=model_config, dtype=dtype,
-                                                    **options)
+        # A reward-model export (e.g. a critic's backbone) has a score head and no LM head:
+        # expected, so transformers' load report about them is not shown.
+        reward_model = hasattr(model_config, "rlhfkit_reward_normalization")
+        verbosity = transformers_logging.get_verbosity()
+        if reward_model:
+            transformers_logging.set_verbosity_error()
+        try:
+            return AutoModelForCausalLM.from_pretrained(directory, config=model_config, dtype=dtype, **options)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as exc:
         hint = ("" if config.trust_remote_code else
                 " If the checkpoint ships its own modelling code and you trust it, set "

@@ -106,6 +106,11 @@ class RewardModelSource:
         normalization = getattr(model.config, NORMALIZATION_KEY, None) if config.normalize else None
         return cls(model, tokenizer, config.max_length, config.batch_size, normalization)
 
+    def to(self, device: torch.device | str) -> RewardModelSource:
+        """Move the model (algorithms call this with their device before scoring)."""
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device

@@ -1,0 +1,103 @@
+"""Constraints for RL algorithms (spec §C, §D, §F, §I): each shapes rewards, adds a loss
+term and/or updates state after an iteration, and acts in recipe order.
+
+- ``kl``: a KL penalty to the reference, in the reward (PPO, OpenAI) or in the loss
+  (GRPO), with the k1/k2/k3 estimators, clamps, and a fixed or adaptive (Ziegler)
+  coefficient.
+- ``reward-norm``: reward scaling by a running std (MOSS), or normalise + clip on
+  running moments (MOSS PPO-max), or clip only.
+- ``missing-eos``: a penalty on responses that hit the length limit without EOS.
+- ``entropy``: an entropy bonus (or MOSS's pull towards a target entropy).
+- ``ptx``: pretraining-loss mixing with its own dataset (InstructGPT PPO-ptx).
+- ``reference-ema``: the reference model follows the policy (Xu et al. 2024).
+
+Settings and registration here; the torch code is in ``components.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import ComponentSpec, StageContext, hookimpl, ref
+
+
+class AdaptiveKLSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: float = Field(6.0, gt=0, description="target KL per sequence (Ziegler et al.: 6 nats)")
+    horizon: int = Field(10000, ge=1, description="adaptation horizon in samples (Ziegler et al.: 10000)")
+
+
+class KLConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    coef: float = Field(0.05, ge=0, description="beta (fixed), or the initial beta when adaptive "
+                                                "(OpenAI 0.2 fixed / 0.15 adaptive; TRL 0.05)")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token estimator of KL(pi || ref)")
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="subtract beta*k_t from the token rewards (PPO) or add beta*k_t to the loss (GRPO)")
+    adaptive: AdaptiveKLSettings | None = Field(None, description="Ziegler's adaptive controller; null: fixed")
+    log_ratio_clamp: float | None = Field(None, gt=0, description="clamp log(ref/pi) to ±this (verl/OpenRLHF: 20)")
+    value_clamp: float | None = Field(None, gt=0, description="clamp each estimate to ±this (verl/OpenRLHF: 10)")
+
+
+class RewardNormConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["scale", "normalize", "none"] = Field(
+        "normalize", description="scale: r / std_run (MOSS reward scaling); normalize: (r - mean_run) / std_run "
+                                 "(MOSS PPO-max); none: clip only")
+    clip: float | None = Field(10.0, gt=0, description="clip to ±this after (MOSS code 10; OpenRLHF 10; Xu et al. "
+                                                       "20; DeepSpeed-Chat 5); null: no clip")
+
+
+class MissingEOSConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    penalty: float = Field(1.0, description="subtracted from the score of a response that hit the length limit "
+                                            "without EOS (TRL suggests 1.0)")
+
+
+class EntropyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    coef: float = Field(0.01, gt=0, description="c_H (bonus: loss -= c_H * H) or w (target: loss += w*|H - target|)")
+    target: float | None = Field(None, ge=0, description="MOSS variant: pull the mean entropy towards this")
+
+
+class PtxConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: ref("dataset") = Field(  # type: ignore[valid-type]
+        description="text or demonstrations, e.g. {name: builtin, task: reviews, split: pretrain}")
+    coef: float = Field(1.0, gt=0, description="gamma, the weight of the pretraining loss (InstructGPT: 27.8 "
+                                                "on its own scale)")
+    batch_size: int = Field(8, ge=1, description="pretraining rows per micro-batch of policy loss")
+    max_length: int = Field(64, ge=2, description="tokens per pretraining row")
+
+
+class ReferenceEMAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: float = Field(0.001, gt=0, le=1, description="eta in ref <- eta * policy + (1 - eta) * ref, after each "
+                                                       "iteration (ReaLHF example: 0.001)")
+
+
+def _lazy(class_name: str) -> Callable[[BaseModel, Any], Any]:
+    def factory(config: BaseModel, context: StageContext) -> Any:
+        from rlhfkit.plugins.constraints import components
+
+        return getattr(components, class_name)(config, context)
+
+    return factory
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    def spec(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
+        return ComponentSpec(kind="constraint", name=name, config=config, factory=_lazy(class_name), doc=doc)
+
+    return [
+        spec("kl", KLConfig, "KLPenalty", "KL to the reference in the reward or the loss; fixed or adaptive beta"),
+        spec("reward-norm", RewardNormConfig, "RewardNorm", "reward scaling, or normalise + clip, on running moments"),
+        spec("missing-eos", MissingEOSConfig, "MissingEOS", "penalise responses that end without EOS"),
+        spec("entropy", EntropyConfig, "EntropyBonus", "entropy bonus (or pull towards a target entropy)"),
+        spec("ptx", PtxConfig, "PretrainMix", "pretraining-loss mixing with its own data (PPO-ptx)"),
+        spec("reference-ema", ReferenceEMAConfig, "ReferenceEMA", "the reference follows the policy by EMA"),
+    ]

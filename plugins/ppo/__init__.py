@@ -1,0 +1,147 @@
+"""PPO (InstructGPT step 3) as composable components.
+
+- algorithm ``ppo``: sample -> reference log-probs -> reward -> constraints shape rewards
+  (recipe order) -> estimator -> epochs x minibatches of clipped updates -> constraints'
+  after-update. Any estimator (``gae`` with its critic, or a critic-free one) and any
+  policy objective plug into it.
+- estimator ``gae``: generalised advantage estimation with a critic of its own (a value
+  head on its own backbone, from the reward model, the SFT model or a path).
+- objective ``ppo-clip``: the clipped surrogate (asymmetric epsilon, dual clip, the
+  loss-aggregation choices of spec §F).
+
+Every detail, its recipe field and its source: docs/ppo-details.md. Settings and
+registration live here; the torch code is imported when a stage is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl, ref
+
+Aggregation = Literal["token-mean", "sequence-mean", "token-sum-norm", "global-token-mean"]
+
+
+class SamplingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="response length limit (tokens, EOS included)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use logits / temperature")
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0 keeps every token")
+
+
+class AdvantageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    whiten: Literal["batch", "minibatch", "none"] = Field(
+        "batch", description="whiten advantages over the rollout (TRL, verl) or per minibatch (OpenAI)")
+    clip: float | None = Field(None, gt=0, description="clip whitened advantages to ±clip (MOSS: 0.5)")
+
+
+class PPOConfig(OptimizerSettings):
+    """The policy's AdamW settings (:class:`rlhfkit.OptimizerSettings`), then these.
+
+    Batch sizes: an iteration samples ``prompts_per_iteration x samples_per_prompt``
+    responses (global, over all devices), then runs ``epochs`` passes over them in
+    minibatches of ``trainer.batch_size`` sequences (one optimizer step each, split into
+    forwards of ``trainer.micro_batch_size`` per device).
+    """
+
+    lr: float = Field(1e-5, gt=0, description="policy peak learning rate (AdamW)")
+    iterations: int | None = Field(None, ge=1, description=(
+        "PPO iterations (rollout + updates); default: trainer.max_epochs passes over the prompts, "
+        "or trainer.max_steps optimizer steps"))
+    prompts_per_iteration: int = Field(64, ge=1, description="prompts sampled per iteration, over all devices")
+    samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (group sampling: GRPO, RLOO)")
+    epochs: int = Field(1, ge=1, description="passes over each iteration's experience (PPO epochs)")
+    generation_batch_size: int = Field(32, ge=1, description=(
+        "prompts per generate call per device; each call's sampling is seeded by (seed, iteration, call), "
+        "so the rollouts do not depend on the number of devices"))
+    max_prompt_length: int = Field(64, ge=1, description="prompt tokens kept (cut on the left)")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="how responses are sampled")
+    score_position: Literal["last", "after-eos"] = Field(
+        "last", description="token that receives the sequence score: the last real one (OpenRLHF, MOSS) or one "
+                            "past EOS where it fits (old TRL)")
+    advantages: AdvantageSettings = Field(default_factory=AdvantageSettings,
+                                          description="whitening and clipping of the estimator's advantages")
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/Inf reward or loss stops the run (last checkpoint intact) or skips the update")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated at start, end and every "
+                                                    "trainer.eval_every_n_steps")
+    eval_greedy: bool = Field(True, description="evaluate greedy responses (else sample with `sampling`)")
+    sample_prompts: int = Field(4, ge=0, description="fixed prompts whose responses are saved before and after")
+
+
+class GAEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (1.0: OpenAI, MOSS)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (0.95; MOSS PPO-max uses 0.9)")
+    critic: ref("policy") | None = Field(  # type: ignore[valid-type]
+        None, description="the critic's backbone, e.g. {name: transformers, from_stage: rm}; "
+                          "default: a copy of the policy's initial weights")
+    head_init: Literal["auto", "zero", "reward-model"] = Field(
+        "auto", description="value head: zero (OpenAI) or the reward model's score head; auto uses the "
+                            "reward model's when the backbone is a reward-model export")
+    optimizer: OptimizerSettings = Field(default_factory=lambda: OptimizerSettings(lr=5e-6),
+                                         description="the critic's AdamW settings and schedule")
+    value_clip: float | None = Field(0.2, gt=0, description="clip values to old ± this (0.2 OpenAI/TRL/MOSS, "
+                                                            "0.5 OpenRLHF); null: no clipping")
+    value_coef: float = Field(1.0, gt=0, description="weight of the value loss (MOSS 1.0; OpenAI/TRL 0.1)")
+    warmup_iterations: int = Field(0, ge=0, description="first iterations train only the critic (policy frozen)")
+    aggregation: Literal["token-mean", "sequence-mean", "token-sum-norm"] = Field(
+        "token-mean", description="how the value loss averages over tokens")
+
+
+class PPOClipConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="epsilon below 1 (ratio >= 1 - clip_low)")
+    clip_high: float = Field(0.2, gt=0, description="epsilon above 1 (ratio <= 1 + clip_high)")
+    dual_clip: float | None = Field(None, gt=1, description="dual clip c for negative advantages (verl: 3)")
+    aggregation: Aggregation = Field("token-mean", description="token-mean | sequence-mean (GRPO paper) | "
+                                                               "token-sum-norm (Dr.GRPO) | global-token-mean")
+
+
+SLOTS = {
+    "policy": Slot("policy", doc="the model to optimise, e.g. {name: transformers, from_stage: sft}"),
+    "reference": Slot("policy", required=False,
+                      doc="the KL reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
+    "reward": Slot("reward", doc="the reward optimised, e.g. {name: reward-model, from_stage: rm}"),
+    "estimator": Slot("estimator", doc="advantages: gae (with a critic) or a critic-free estimator"),
+    "objective": Slot("objective", doc="the policy loss, e.g. ppo-clip"),
+    "constraints": Slot("constraint", required=False, many=True,
+                        doc="kl, reward-norm, missing-eos, entropy, ptx, reference-ema, in the order they act"),
+    "data": Slot("dataset", doc="prompts (prompt rows, or any row with a prompt)"),
+    "eval_data": Slot("dataset", required=False, doc="held-out prompts evaluated with `gold` and the reward"),
+    "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
+}
+
+
+def _build_ppo(config: PPOConfig, context: StageContext) -> Any:
+    from rlhfkit.plugins.ppo.module import PPO
+
+    return PPO(config, context)
+
+
+def _build_gae(config: GAEConfig, context: StageContext) -> Any:
+    from rlhfkit.plugins.ppo.critic import GAE
+
+    return GAE(config, context)
+
+
+def _build_clip(config: PPOClipConfig, context: StageContext) -> Any:
+    from rlhfkit.plugins.ppo.objective import PPOClip
+
+    return PPOClip(config)
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    return [
+        ComponentSpec(kind="algorithm", name="ppo", config=PPOConfig, factory=_build_ppo, slots=SLOTS,
+                      doc="PPO: rollouts, reward, constraints, any estimator, clipped updates (InstructGPT step 3)"),
+        ComponentSpec(kind="estimator", name="gae", config=GAEConfig, factory=_build_gae,
+                      doc="generalised advantage estimation with a critic (value head on its own backbone)"),
+        ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=_build_clip,
+                      doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)"),
+    ]

@@ -1,0 +1,494 @@
+"""The PPO LightningModule: one optimizer step per ``training_step``.
+
+An iteration is ``updates`` optimizer steps: at its first step the module samples the
+experience (every rank its share of the prompts, then gathered so every rank holds the
+whole rollout), shapes rewards and estimates advantages; each step then trains on one
+global minibatch of it (this rank's slice, in micro-batches). The experience is part of
+the checkpoint, so a run resumes exactly, even mid-iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+
+from rlhfkit import (
+    LossTerm,
+    PolicyOutput,
+    Rollout,
+    StageContext,
+    UserError,
+    adamw,
+    gradient_sync,
+    log_now,
+    log_step,
+    masked_mean,
+    masked_whiten,
+    optimizer_step,
+    rank_seed,
+)
+from rlhfkit.plugins.ppo import PPOConfig
+from rlhfkit.plugins.ppo.functional import score_to_token_rewards, sequence_kl
+from rlhfkit.plugins.ppo.rollout import concat, from_state, gather, policy_forward, to_state
+
+DOCS = "docs/ppo-details.md"
+
+
+def prompt_of(row: Any) -> str:
+    prompt = getattr(row, "prompt", None)
+    if prompt is None:
+        raise UserError(f"the ppo algorithm samples from prompts; a {type(row).__name__} row has none. Point "
+                        f"`data:` at prompt rows (e.g. the built-in tasks' `prompts` split).")
+    return prompt
+
+
+class PPO(L.LightningModule):
+    def __init__(self, config: PPOConfig, context: StageContext):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.section = context.trainer
+        self.stage_dir = Path(context.stage_dir)
+        self.seed = context.seed
+        self.policy = context.component("policy")
+        self.model = self.policy.model
+        reference = context.component("reference")
+        self.adapter_reference = reference is None and hasattr(self.model, "disable_adapter")
+        self.reference = None if self.adapter_reference else (
+            reference.plain_model() if reference is not None else copy.deepcopy(self.policy.plain_model()))
+        if self.reference is not None:
+            self.reference.requires_grad_(False)
+        self.reward = context.component("reward")
+        self.gold = context.component("gold")
+        self.estimator = context.component("estimator")
+        self.objective = context.component("objective")
+        self.constraints = context.component("constraints") or []
+        self.prompts = [prompt_of(r) for r in context.component("data").rows()]
+        eval_data = context.component("eval_data")
+        self.eval_prompts = [prompt_of(r) for r in eval_data.rows()][: config.eval_prompts] if eval_data else []
+        self._check_sizes()
+        for part in [self.estimator, *self.constraints]:
+            if hasattr(part, "bind"):
+                part.bind(self)
+        self.critic = self.estimator.critic  # a submodule: trained, checkpointed, moved with the module
+        self.entropy_grad = any(getattr(c, "needs_entropy", False) for c in self.constraints)
+        self.experience: Rollout | None = None
+        self.skip_iteration = False
+        self.history: dict[str, Any] = {}
+        self.console = Console(stderr=True)
+        self._warned: set[str] = set()
+        self._clock = {"rollout": 0.0, "train": 0.0, "rollout_tokens": 0, "train_tokens": 0}
+
+    # ------------------------------------------------------------------ sizes
+    def _check_sizes(self) -> None:
+        c, s = self.config, self.section
+        rollouts = c.prompts_per_iteration * c.samples_per_prompt
+        problems = []
+        if c.prompts_per_iteration % s.world_size:
+            problems.append(f"algorithm.prompts_per_iteration {c.prompts_per_iteration} is not a multiple of the "
+                            f"{s.world_size} devices")
+        if rollouts % s.batch_size:
+            problems.append(f"the {rollouts} responses of an iteration (prompts_per_iteration x samples_per_prompt) "
+                            f"do not split into minibatches of trainer.batch_size {s.batch_size}; pick a "
+                            f"batch_size that divides {rollouts}")
+        if problems:
+            raise UserError("; ".join(problems))
+        self.updates = c.epochs * rollouts // s.batch_size
+        if c.iterations is not None:
+            self.iterations = c.iterations
+        elif s.max_steps is not None:
+            if s.max_steps % self.updates:
+                raise UserError(f"trainer.max_steps {s.max_steps} counts optimizer steps, and an iteration is "
+                                f"{self.updates} of them (epochs x responses / batch_size); use a multiple of "
+                                f"{self.updates} or set algorithm.iterations")
+            self.iterations = s.max_steps // self.updates
+        else:
+            epochs = s.max_epochs if s.max_epochs is not None else 1.0
+            self.iterations = max(1, math.ceil(epochs * len(self.prompts) / c.prompts_per_iteration))
+        self.total_steps = self.iterations * self.updates
+
+    def explain(self) -> str:
+        c, s = self.config, self.section
+        return (f"{self.iterations} iterations x {self.updates} updates: {c.prompts_per_iteration} prompts x "
+                f"{c.samples_per_prompt} samples, {c.epochs} epoch(s) in minibatches of {s.batch_size}")
+
+    # ------------------------------------------------------------------ data
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        module = self
+
+        class Steps(torch.utils.data.IterableDataset):
+            def __iter__(self):  # one item per optimizer step, from the current one
+                return iter(range(module.global_step, module.total_steps))
+
+        return torch.utils.data.DataLoader(Steps(), batch_size=None)
+
+    def _iteration_prompts(self, iteration: int) -> list[int]:
+        """Global prompt indices of an iteration: passes over a seeded permutation."""
+        n, k = len(self.prompts), self.config.prompts_per_iteration
+        out: list[int] = []
+        position = iteration * k
+        while len(out) < k:
+            epoch, offset = divmod(position, n)
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            take = order[offset: offset + k - len(out)]
+            out += take
+            position += len(take)
+        return out
+
+    def configure_optimizers(self) -> Any:
+        groups = [(self.model.parameters(), self.config)]
+        if self.critic is not None:
+            groups.append((self.critic.parameters(), self.estimator.optimizer))
+        return adamw(groups, self.total_steps)
+
+    # ---------------------------------------------------------------- rollout
+    def _eval_mode(self) -> None:
+        """Dropout off in every model during RL (spec §J); grads still flow."""
+        for model in (self.model, self.reference, self.critic, getattr(self.reward, "model", None)):
+            if model is not None:
+                model.eval()
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[str], seed: int, greedy: bool = False) -> Rollout:
+        sampling = self.config.sampling
+        torch.manual_seed(seed)
+        ids, mask = self.policy.tokenize_prompts(prompts)
+        ids, mask = ids[:, -self.config.max_prompt_length:], mask[:, -self.config.max_prompt_length:]
+        response_ids, response_mask = self.policy.generate_ids(
+            ids, mask, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        eos = self.policy.tokenizer.eos_token_id
+        truncated = ~(response_ids == eos).any(dim=1)
+        empty = torch.zeros(len(prompts), response_ids.shape[1], device=ids.device)
+        rollout = Rollout(ids, mask, response_ids, response_mask, empty, list(prompts),
+                          self.policy.decode_responses(response_ids, response_mask),
+                          torch.zeros(len(prompts), dtype=torch.long, device=ids.device), truncated)
+        rollout.logprobs, _ = policy_forward(self.model, rollout, sampling.temperature, False)
+        rollout.ref_logprobs = self._reference_logprobs(rollout)
+        return rollout
+
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        temperature = self.config.sampling.temperature
+        if self.adapter_reference:
+            with self.model.disable_adapter():
+                return policy_forward(self.model, rollout, temperature, False)[0]
+        return policy_forward(self.reference, rollout, temperature, False)[0]
+
+    def _make_experience(self, iteration: int) -> Rollout:
+        c = self.config
+        started = time.perf_counter()
+        rank, world = self.global_rank, self.trainer.world_size
+        chosen = self._iteration_prompts(iteration)
+        share = len(chosen) // world
+        local = chosen[rank * share:(rank + 1) * share]
+        chunks = []
+        for start in range(0, len(local), c.generation_batch_size):
+            indices = local[start:start + c.generation_batch_size]
+            call = (rank * share + start) // c.generation_batch_size
+            texts = [self.prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
+            chunk = self._sample(texts, seed=rank_seed(self.seed, 0) * 7919 + iteration * 104_729 + call)
+            chunk.group = torch.tensor([rank * share + start + j for j in range(len(indices))
+                                        for _ in range(c.samples_per_prompt)], device=self.device)
+            chunks.append(chunk)
+        pad = self.policy.tokenizer.pad_token_id
+        rollout = concat(chunks, pad)
+        with torch.no_grad():
+            rollout.scores = self.reward.score(rollout.prompts, rollout.responses).to(self.device).float()
+            if hasattr(self.estimator, "prepare"):
+                self.estimator.prepare(rollout)
+        rollout = gather(rollout, pad, self.device)
+        self._clock["rollout"] += time.perf_counter() - started
+        self._clock["rollout_tokens"] += int(rollout.response_mask.sum())
+        return self._shape(rollout, iteration)
+
+    def _shape(self, rollout: Rollout, iteration: int) -> Rollout:
+        """Constraints shape rewards, the score goes on the last token, the estimator runs."""
+        metrics: dict[str, float] = {}
+        raw = rollout.scores.clone()
+        bad = ~torch.isfinite(raw)
+        self.skip_iteration = False
+        if bad.any():
+            example = rollout.prompts[int(bad.nonzero()[0])]
+            message = (f"the reward source returned NaN/Inf for {int(bad.sum())} of {len(raw)} responses at "
+                       f"iteration {iteration} (first prompt: {example!r}).")
+            if self.config.on_nan == "stop":
+                raise UserError(message + f" Stopped; the last checkpoint in {self.stage_dir / 'checkpoints'} is "
+                                          "intact. Fix the reward source, or set algorithm.on_nan: skip.")
+            self._warn("nan-reward", message + " Skipping this iteration's updates (algorithm.on_nan: skip).")
+            self.skip_iteration = True
+            rollout.scores = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
+        mask = rollout.response_mask.float()
+        rollout.rewards = torch.zeros_like(rollout.logprobs)
+        for constraint in self.constraints:
+            if hasattr(constraint, "shape_rewards"):
+                metrics.update(constraint.shape_rewards(rollout) or {})
+        rollout.rewards = rollout.rewards + score_to_token_rewards(rollout.scores, mask, self.config.score_position)
+        if self.config.score_position == "after-eos":
+            # the score sits one past the last real token: the estimator's episode covers it (TRL's mask_p1)
+            extended = torch.cat([mask[:, :1], mask[:, :-1]], dim=1).maximum(mask)
+            result = self.estimator.estimate(dataclasses.replace(rollout, response_mask=extended.long()))
+        else:
+            result = self.estimator.estimate(rollout)
+        advantages = result.advantages
+        if self.config.advantages.whiten == "batch":
+            advantages = masked_whiten(advantages, mask)
+        if self.config.advantages.clip is not None and self.config.advantages.whiten == "batch":
+            advantages = advantages.clamp(-self.config.advantages.clip, self.config.advantages.clip)
+        rollout.advantages, rollout.returns = advantages * mask, result.returns
+        metrics.update(result.metrics)
+        metrics.update(self._rollout_metrics(rollout, raw, mask))
+        self._rollout_log = metrics
+        return rollout
+
+    def _rollout_metrics(self, rollout: Rollout, raw: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        lengths = mask.sum(1)
+        kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, mask)
+        m = {"reward/score": float(raw.mean()), "reward/shaped_score": float(rollout.scores.mean()),
+             "reward/token_sum": float((rollout.rewards * mask).sum(1).mean()),
+             "kl/ref": float(kl.mean()), "response/length": float(lengths.mean()),
+             "response/eos_rate": 1.0 - float(rollout.truncated.float().mean()),
+             "response/perplexity": math.exp(-float(masked_mean(rollout.logprobs, mask))),
+             "advantage/mean": float(masked_mean(rollout.advantages, mask)),
+             "advantage/std": float(masked_mean(rollout.advantages ** 2, mask).sqrt())}
+        if rollout.returns is not None:
+            m["return/mean"] = float(masked_mean(rollout.returns, mask))
+        if self.gold is not None:
+            m["gold/score"] = float(self.gold.score(rollout.prompts, rollout.responses).mean())
+        self._guardrails(rollout, m, lengths)
+        return m
+
+    def _guardrails(self, rollout: Rollout, m: dict[str, float], lengths: torch.Tensor) -> None:
+        if m["kl/ref"] < -0.01:
+            self._warn("negative-kl", f"the estimated KL to the reference is negative ({m['kl/ref']:.3f}): the "
+                                      f"sampling and scoring distributions differ (temperature, top-k/top-p). See "
+                                      f"{DOCS}#negative-kl.")
+        if float((lengths <= 1).float().mean()) > 0.5:
+            self._warn("collapse-empty", f"over half the responses are empty or EOS only: the policy collapsed. "
+                                         f"See {DOCS}#collapse.")
+        words = [r.split() for r in rollout.responses]
+        repetitive = [len(set(w)) / len(w) < 0.3 for w in words if len(w) >= 8]
+        if repetitive and sum(repetitive) / len(words) > 0.5:
+            self._warn("collapse-repeat", f"over half the responses repeat a few words: the policy collapsed "
+                                          f"(reward hacking?). See {DOCS}#collapse.")
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned and self.trainer.is_global_zero:
+            self.console.print(f"[yellow]warning[/] (step {self.global_step}): {message}", soft_wrap=True)
+        self._warned.add(kind)
+
+    # ------------------------------------------------------------------ update
+    def _minibatch(self, iteration: int, update: int, whole: bool = False) -> torch.Tensor:
+        """This rank's slice of the global minibatch ``update`` of an iteration (or the
+        whole global minibatch)."""
+        n = len(self.experience)
+        per_epoch = n // self.section.batch_size
+        epoch, index = divmod(update, per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration * 1009 + epoch)
+        order = torch.randperm(n, generator=generator)
+        batch = order[index * self.section.batch_size:(index + 1) * self.section.batch_size]
+        if whole:
+            return batch
+        share = self.section.batch_size // self.trainer.world_size
+        return batch[self.global_rank * share:(self.global_rank + 1) * share]
+
+    def training_step(self, step: int, batch_idx: int) -> None:
+        self._eval_mode()
+        iteration, update = divmod(self.global_step, self.updates)
+        if update == 0 or self.experience is None:
+            self.experience = self._make_experience(iteration)
+            log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
+        started = time.perf_counter()
+        minibatch = self.experience.select(self._minibatch(iteration, update))
+        if self.config.advantages.whiten == "minibatch":
+            mask = minibatch.response_mask.float()
+            minibatch.advantages = masked_whiten(minibatch.advantages, mask) * mask
+            if self.config.advantages.clip is not None:
+                minibatch.advantages = minibatch.advantages.clamp(-self.config.advantages.clip,
+                                                                  self.config.advantages.clip)
+        critic_only = iteration < getattr(getattr(self.estimator, "config", None), "warmup_iterations", 0)
+        sums: dict[str, torch.Tensor] = {}
+        global_tokens = float(self.experience.response_mask[self._minibatch(iteration, update, whole=True)].sum())
+        pieces = [minibatch.select(torch.arange(i, min(i + self.section.micro_batch_size, len(minibatch))))
+                  for i in range(0, len(minibatch), self.section.micro_batch_size)]
+        share = self.section.batch_size // self.trainer.world_size
+        bad = False
+        global_tokens /= self.trainer.world_size * len(pieces)
+        for i, piece in enumerate(pieces):
+            with gradient_sync(self, last=i == len(pieces) - 1):
+                terms = self._loss_terms(piece, critic_only, global_tokens)
+                loss = sum(t.loss for t in terms)
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                self.manual_backward(loss * len(piece) / share)
+            for term in terms:
+                for name, value in term.metrics.items():
+                    sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach() * len(piece)
+        if bad or self.skip_iteration:
+            self._nonfinite(bad)
+        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        self._clock["train"] += time.perf_counter() - started
+        self._clock["train_tokens"] += int(minibatch.response_mask.sum()) * self.trainer.world_size
+        last = update == self.updates - 1
+        self._log(sums, len(minibatch), grad_norm)
+        if last:
+            after = {}
+            for constraint in self.constraints:
+                if hasattr(constraint, "after_update"):
+                    after.update(constraint.after_update(self.experience) or {})
+            if after:
+                log_now(self, after)
+        if last:
+            self.experience = None  # the next step samples a new rollout
+            self._maybe_evaluate()
+
+    def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: float) -> list[LossTerm]:
+        terms = []
+        logprobs, entropy = policy_forward(self.model, piece, self.config.sampling.temperature, self.entropy_grad)
+        output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens)
+        policy_terms = [self.objective(piece, output)]
+        for constraint in self.constraints:
+            if hasattr(constraint, "loss"):
+                term = constraint.loss(piece, output)
+                if term is not None:
+                    policy_terms.append(term)
+        if critic_only:  # keep the graph (DDP expects every parameter) but train only the critic
+            policy_terms = [LossTerm(sum(t.loss for t in policy_terms) * 0.0, {})]
+        terms += policy_terms
+        terms.append(LossTerm(torch.zeros((), device=self.device),
+                              {"policy/entropy": masked_mean(entropy.detach(), output.mask)}))
+        if self.critic is not None:
+            terms.append(self.estimator.critic_loss(piece))
+        return terms
+
+    def _nonfinite(self, loss_was_bad: bool) -> None:
+        if loss_was_bad and self.config.on_nan == "stop":
+            raise UserError(f"the loss became NaN/Inf at step {self.global_step + 1}. Stopped; the last checkpoint "
+                            f"in {self.stage_dir / 'checkpoints'} is intact. Lower the learning rates or set "
+                            f"algorithm.on_nan: skip. See {DOCS}#nan.")
+        if loss_was_bad:
+            self._warn("nan-loss", f"a NaN/Inf loss at step {self.global_step + 1}: update skipped.")
+        # parameters without a gradient are left untouched by AdamW: the step is a no-op
+        self.optimizers().zero_grad(set_to_none=True)
+
+    def _log(self, sums: dict[str, Any], rows: int, grad_norm: torch.Tensor) -> None:
+        """Update metrics, on logging steps (rollout metrics are written when sampled)."""
+        step = self.global_step
+        metrics: dict[str, Any] = {}
+        if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
+            reduce = self.trainer.strategy.reduce
+            metrics.update({f"train/{name}": reduce(value / rows, reduce_op="mean") for name, value in sums.items()})
+            metrics.update({"train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0]})
+            clock = self._clock
+            if clock["rollout"] > 0 and clock["train"] > 0:
+                metrics["speed/rollout_tokens_per_s"] = clock["rollout_tokens"] / clock["rollout"]
+                metrics["speed/train_tokens_per_s"] = clock["train_tokens"] / clock["train"]
+        if metrics:
+            log_step(self, metrics)
+        value_loss = metrics.get("train/value/loss")
+        if value_loss is not None:
+            first = self.history.setdefault("first_value_loss", float(value_loss))
+            if float(value_loss) > 100 * max(first, 1e-3):
+                self._warn("value-loss", f"the value loss grew from {first:.3g} to {float(value_loss):.3g}: "
+                                         f"lower the critic's lr or turn on reward normalisation. See {DOCS}#value-loss.")
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[str]]:
+        """Gold (and task) metrics, proxy reward, KL and length of responses to ``prompts``."""
+        self._eval_mode()
+        parts = []
+        for start in range(0, len(prompts), self.config.generation_batch_size):
+            chunk = prompts[start:start + self.config.generation_batch_size]
+            parts.append(self._sample(chunk, seed=self.seed + start, greedy=self.config.eval_greedy))
+        rollout = concat(parts, self.policy.tokenizer.pad_token_id)
+        mask = rollout.response_mask.float()
+        metrics = {"proxy": float(self.reward.score(rollout.prompts, rollout.responses).float().mean()),
+                   "kl": float(sequence_kl(rollout.logprobs, rollout.ref_logprobs, mask).mean()),
+                   "length": float(mask.sum(1).mean())}
+        if self.gold is not None:
+            metrics["gold"] = float(self.gold.score(rollout.prompts, rollout.responses).mean())
+            if hasattr(self.gold, "evaluate"):
+                task = self.gold.evaluate(rollout.prompts, rollout.responses)
+                metrics.update({f"task/{k}": v for k, v in task.items() if k != "gold"})
+        return metrics, rollout.responses
+
+    def _evaluate(self, key: str) -> None:
+        if not self.eval_prompts:
+            return
+        metrics, _ = self.evaluate(self.eval_prompts)
+        self.history[key] = metrics
+        log_now(self, {f"eval/{name}": value for name, value in metrics.items()})
+
+    def _maybe_evaluate(self) -> None:
+        every = self.section.eval_every_n_steps
+        if every and self.global_step // every > (self.global_step - self.updates) // every \
+                and self.global_step < self.total_steps:
+            self._evaluate("eval")
+
+    def _samples(self, when: str) -> None:
+        prompts = (self.eval_prompts or self.prompts)[: self.config.sample_prompts]
+        if not prompts or not self.trainer.is_global_zero:
+            return
+        _, responses = self.evaluate(prompts)
+        rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+        mode = "w" if when == "before" else "a"
+        with open(self.stage_dir / "samples.jsonl", mode) as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def on_train_start(self) -> None:
+        mover = getattr(self.reward, "to", None)
+        if mover is not None:
+            mover(self.device)
+        if self.global_step == 0:
+            self._evaluate("eval_before")
+            self._samples("before")
+
+    def on_train_end(self) -> None:
+        self._evaluate("eval_after")
+        self._samples("after")
+
+    # ------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ppo"] = {
+            "experience": to_state(self.experience) if self.experience is not None else None,
+            "rollout_log": dict(getattr(self, "_rollout_log", {})),
+            "skip_iteration": self.skip_iteration,
+            "history": json.dumps(self.history),
+            "parts": [getattr(p, "state_dict", dict)() for p in [self.estimator, *self.constraints]],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["ppo"]
+        self.experience = from_state(state["experience"], self.device) if state["experience"] else None
+        self._rollout_log = state["rollout_log"]
+        self.skip_iteration = state["skip_iteration"]
+        self.history = json.loads(state["history"])
+        for part, part_state in zip([self.estimator, *self.constraints], state["parts"], strict=True):
+            if hasattr(part, "load_state_dict") and part_state:
+                part.load_state_dict(part_state)
+
+    # ---------------------------------------------------------------- output
+    def export(self, directory: Path) -> None:
+        self.policy.export(directory)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.global_step, "iterations": self.global_step // self.updates}
+        for key, prefix in (("eval_before", "before_"), ("eval_after", "")):
+            for name, value in (self.history.get(key) or {}).items():
+                out[f"{prefix}{name}"] = value
+        for name in ("reward/score", "kl/ref", "response/length"):
+            if name in getattr(self, "_rollout_log", {}):
+                out[f"last_{name.replace('/', '_')}"] = self._rollout_log[name]
+        return out

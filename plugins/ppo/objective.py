@@ -1,0 +1,23 @@
+"""The ``ppo-clip`` policy objective (spec §F)."""
+
+from __future__ import annotations
+
+from rlhfkit import LossTerm, PolicyOutput, Rollout
+from rlhfkit.plugins.ppo import PPOClipConfig
+from rlhfkit.plugins.ppo.functional import policy_loss
+
+
+class PPOClip:
+    """``ρ = exp(logp − old)``, ``L = max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high))``
+    (optionally dual-clipped), aggregated over tokens as configured."""
+
+    def __init__(self, config: PPOClipConfig):
+        self.config = config
+
+    def __call__(self, minibatch: Rollout, output: PolicyOutput) -> LossTerm:
+        c = self.config
+        loss, metrics = policy_loss(output.logprobs, minibatch.logprobs, minibatch.advantages, output.mask,
+                                    clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip,
+                                    aggregation=c.aggregation, constant=output.global_tokens
+                                    if c.aggregation == "global-token-mean" else None)
+        return LossTerm(loss, {"policy/loss": loss.detach(), **metrics})
