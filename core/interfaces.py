@@ -235,7 +235,8 @@ class Estimator(Protocol):
     """Turns a scored rollout into advantages (and returns).
 
     An estimator that owns a critic (``gae``) sets ``critic`` to the ``nn.Module`` the
-    algorithm trains alongside the policy (with ``critic_optimizer`` settings), fills
+    algorithm trains alongside the policy (with its ``optimizer`` settings, an
+    :class:`rlhfkit.OptimizerSettings`), fills
     ``rollout.values`` in ``prepare`` and returns its loss from ``critic_loss``;
     critic-free estimators set ``critic = None`` and return ``None`` there. Optional
     methods (called when present): ``bind(algorithm)`` once before training, with the
@@ -264,16 +265,17 @@ class PolicyOutput:
     ``global_tokens``: the divisor of a ``global-token-mean`` loss (DAPO) for this
     micro-batch: the global minibatch's response tokens / (ranks x micro-batches), so
     that the micro-batch losses, accumulated and averaged over ranks, sum to
-    ``Σ L / tokens of the minibatch``.
+    ``Σ L / tokens of the minibatch``; ``max_tokens``: the generation budget (the
+    constant of a ``token-sum-norm`` loss, Dr.GRPO).
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
     global_tokens: float = 1.0
+    max_tokens: int | None = None
 
 
-@runtime_checkable
 class Constraint(Protocol):
     """Shapes rewards, adds a loss term and/or updates state after an iteration.
 

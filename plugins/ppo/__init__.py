@@ -89,7 +89,7 @@ class GAEConfig(BaseModel):
                                                             "0.5 OpenRLHF); null: no clipping")
     value_coef: float = Field(1.0, gt=0, description="weight of the value loss (MOSS 1.0; OpenAI/TRL 0.1)")
     warmup_iterations: int = Field(0, ge=0, description="first iterations train only the critic (policy frozen)")
-    aggregation: Literal["token-mean", "sequence-mean", "token-sum-norm"] = Field(
+    aggregation: Literal["token-mean", "sequence-mean"] = Field(
         "token-mean", description="how the value loss averages over tokens")
 
 

@@ -33,9 +33,9 @@ from rlhfkit import (
     log_now,
     log_step,
     masked_mean,
+    masked_var,
     masked_whiten,
     optimizer_step,
-    rank_seed,
 )
 from rlhfkit.plugins.ppo import PPOConfig
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards, sequence_kl
@@ -195,9 +195,11 @@ class PPO(L.LightningModule):
         chunks = []
         for start in range(0, len(local), c.generation_batch_size):
             indices = local[start:start + c.generation_batch_size]
-            call = (rank * share + start) // c.generation_batch_size
+            # seeded by the call's first global prompt: the same calls give the same samples whatever
+            # the device count, when generation_batch_size divides each device's share of the prompts
+            first = rank * share + start
             texts = [self.prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
-            chunk = self._sample(texts, seed=rank_seed(self.seed, 0) * 7919 + iteration * 104_729 + call)
+            chunk = self._sample(texts, seed=self.seed * 7919 + iteration * 104_729 + first)
             chunk.group = torch.tensor([rank * share + start + j for j in range(len(indices))
                                         for _ in range(c.samples_per_prompt)], device=self.device)
             chunks.append(chunk)
@@ -224,10 +226,17 @@ class PPO(L.LightningModule):
                        f"iteration {iteration} (first prompt: {example!r}).")
             if self.config.on_nan == "stop":
                 raise UserError(message + f" Stopped; the last checkpoint in {self.stage_dir / 'checkpoints'} is "
-                                          "intact. Fix the reward source, or set algorithm.on_nan: skip.")
+                                          "intact. Fix the reward source, or set algorithm.on_nan: skip (a changed "
+                                          f"stage runs in a new run directory). See {DOCS}#nan.")
             self._warn("nan-reward", message + " Skipping this iteration's updates (algorithm.on_nan: skip).")
             self.skip_iteration = True
-            rollout.scores = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
+            # nothing learns from this rollout: no constraint state (running moments) sees it
+            rollout.scores = torch.zeros_like(raw)
+            rollout.rewards = torch.zeros_like(rollout.logprobs)
+            rollout.advantages = torch.zeros_like(rollout.logprobs)
+            rollout.returns = rollout.values if rollout.values is not None else torch.zeros_like(rollout.logprobs)
+            self._rollout_log = {"reward/nonfinite": float(bad.sum())}
+            return rollout
         mask = rollout.response_mask.float()
         rollout.rewards = torch.zeros_like(rollout.logprobs)
         for constraint in self.constraints:
@@ -243,7 +252,7 @@ class PPO(L.LightningModule):
         advantages = result.advantages
         if self.config.advantages.whiten == "batch":
             advantages = masked_whiten(advantages, mask)
-        if self.config.advantages.clip is not None and self.config.advantages.whiten == "batch":
+        if self.config.advantages.clip is not None and self.config.advantages.whiten != "minibatch":
             advantages = advantages.clamp(-self.config.advantages.clip, self.config.advantages.clip)
         rollout.advantages, rollout.returns = advantages * mask, result.returns
         metrics.update(result.metrics)
@@ -260,7 +269,7 @@ class PPO(L.LightningModule):
              "response/eos_rate": 1.0 - float(rollout.truncated.float().mean()),
              "response/perplexity": math.exp(-float(masked_mean(rollout.logprobs, mask))),
              "advantage/mean": float(masked_mean(rollout.advantages, mask)),
-             "advantage/std": float(masked_mean(rollout.advantages ** 2, mask).sqrt())}
+             "advantage/std": float(masked_var(rollout.advantages, mask).sqrt())}
         if rollout.returns is not None:
             m["return/mean"] = float(masked_mean(rollout.returns, mask))
         if self.gold is not None:
@@ -309,16 +318,20 @@ class PPO(L.LightningModule):
             self.experience = self._make_experience(iteration)
             log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
         started = time.perf_counter()
+        whole = self._minibatch(iteration, update, whole=True)
         minibatch = self.experience.select(self._minibatch(iteration, update))
-        if self.config.advantages.whiten == "minibatch":
-            mask = minibatch.response_mask.float()
-            minibatch.advantages = masked_whiten(minibatch.advantages, mask) * mask
+        if self.config.advantages.whiten == "minibatch":  # over the global minibatch (every rank has it)
+            mask = self.experience.response_mask[whole].float()
+            mean = masked_mean(self.experience.advantages[whole], mask)
+            std = masked_var(self.experience.advantages[whole], mask).add(1e-8).rsqrt()
+            mine = minibatch.response_mask.float()
+            minibatch.advantages = (minibatch.advantages - mean) * std * mine
             if self.config.advantages.clip is not None:
                 minibatch.advantages = minibatch.advantages.clamp(-self.config.advantages.clip,
                                                                   self.config.advantages.clip)
         critic_only = iteration < getattr(getattr(self.estimator, "config", None), "warmup_iterations", 0)
         sums: dict[str, torch.Tensor] = {}
-        global_tokens = float(self.experience.response_mask[self._minibatch(iteration, update, whole=True)].sum())
+        global_tokens = float(self.experience.response_mask[whole].sum())
         pieces = [minibatch.select(torch.arange(i, min(i + self.section.micro_batch_size, len(minibatch))))
                   for i in range(0, len(minibatch), self.section.micro_batch_size)]
         share = self.section.batch_size // self.trainer.world_size
@@ -328,7 +341,7 @@ class PPO(L.LightningModule):
             with gradient_sync(self, last=i == len(pieces) - 1):
                 terms = self._loss_terms(piece, critic_only, global_tokens)
                 loss = sum(t.loss for t in terms)
-                if not torch.isfinite(loss):
+                if self._any_rank(not bool(torch.isfinite(loss))):  # every rank stops together
                     bad = True
                     break
                 self.manual_backward(loss * len(piece) / share)
@@ -337,12 +350,15 @@ class PPO(L.LightningModule):
                     sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach() * len(piece)
         if bad or self.skip_iteration:
             self._nonfinite(bad)
+        elif critic_only:  # the policy's parameters get no gradient: AdamW leaves them (and their state) alone
+            for parameter in self.model.parameters():
+                parameter.grad = None
         grad_norm = optimizer_step(self, self.section.gradient_clip)
         self._clock["train"] += time.perf_counter() - started
         self._clock["train_tokens"] += int(minibatch.response_mask.sum()) * self.trainer.world_size
         last = update == self.updates - 1
         self._log(sums, len(minibatch), grad_norm)
-        if last:
+        if last and not self.skip_iteration:
             after = {}
             for constraint in self.constraints:
                 if hasattr(constraint, "after_update"):
@@ -356,7 +372,8 @@ class PPO(L.LightningModule):
     def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: float) -> list[LossTerm]:
         terms = []
         logprobs, entropy = policy_forward(self.model, piece, self.config.sampling.temperature, self.entropy_grad)
-        output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens)
+        output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens,
+                              self.config.sampling.max_new_tokens)
         policy_terms = [self.objective(piece, output)]
         for constraint in self.constraints:
             if hasattr(constraint, "loss"):
@@ -372,11 +389,17 @@ class PPO(L.LightningModule):
             terms.append(self.estimator.critic_loss(piece))
         return terms
 
+    def _any_rank(self, flag: bool) -> bool:
+        if self.trainer.world_size == 1:
+            return flag
+        total = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="sum")
+        return bool(total > 0)
+
     def _nonfinite(self, loss_was_bad: bool) -> None:
         if loss_was_bad and self.config.on_nan == "stop":
             raise UserError(f"the loss became NaN/Inf at step {self.global_step + 1}. Stopped; the last checkpoint "
                             f"in {self.stage_dir / 'checkpoints'} is intact. Lower the learning rates or set "
-                            f"algorithm.on_nan: skip. See {DOCS}#nan.")
+                            f"algorithm.on_nan: skip (a changed stage runs in a new run directory). See {DOCS}#nan.")
         if loss_was_bad:
             self._warn("nan-loss", f"a NaN/Inf loss at step {self.global_step + 1}: update skipped.")
         # parameters without a gradient are left untouched by AdamW: the step is a no-op

@@ -18,6 +18,12 @@ class PPOClip:
         c = self.config
         loss, metrics = policy_loss(output.logprobs, minibatch.logprobs, minibatch.advantages, output.mask,
                                     clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip,
-                                    aggregation=c.aggregation, constant=output.global_tokens
-                                    if c.aggregation == "global-token-mean" else None)
+                                    aggregation=c.aggregation, constant=self._constant(output))
         return LossTerm(loss, {"policy/loss": loss.detach(), **metrics})
+
+    def _constant(self, output: PolicyOutput) -> float | None:
+        if self.config.aggregation == "global-token-mean":
+            return output.global_tokens
+        if self.config.aggregation == "token-sum-norm":
+            return output.max_tokens
+        return None

@@ -62,7 +62,11 @@ class RewardModelTraining(L.LightningModule):
         self.needs_lm = any(getattr(term, "needs_lm", False) for term in [self.objective, *self.regularizers])
         self.rows = [as_ranking(r) for r in context.component("data").rows()]
         eval_data = context.component("eval_data")
-        self.eval_rows = [r for r in eval_data.rows() if isinstance(r, Preference)] if eval_data else []
+        self.eval_rows = list(eval_data.rows()) if eval_data else []
+        if any(not isinstance(r, Preference) for r in self.eval_rows):
+            kind = next(type(r).__name__ for r in self.eval_rows if not isinstance(r, Preference))
+            raise UserError(f"the reward-model algorithm evaluates on preference pairs; eval_data holds {kind} rows. "
+                            f"Point eval_data at a pair split (e.g. the built-in tasks' preference-gold).")
         reference = context.component("reference_data")
         self.reference_rows = list(reference.rows()) if reference else []
         self.total_steps = total_steps(self.section, len(self.rows))
@@ -101,7 +105,8 @@ class RewardModelTraining(L.LightningModule):
         scores, logits = score_and_logits(self.model, self.head, flat["input_ids"], flat["attention_mask"],
                                           with_logits=self.needs_lm)
         batch = RewardBatch(scores=scores.view(b, k), ranks=chunk["ranks"], valid=chunk["valid"],
-                            margins=None if chunk["margins"].isnan().all() else chunk["margins"])
+                            # a pair without a margin counts as margin 0 when others in the batch have one
+                            margins=None if chunk["margins"].isnan().all() else chunk["margins"].nan_to_num(0.0))
         if logits is not None:
             batch.best_nll = self._best_nll(flat, chunk["ranks"], chunk["valid"], logits)
         terms = [self.objective(batch), *(term(batch) for term in self.regularizers)]
@@ -166,14 +171,16 @@ class RewardModelTraining(L.LightningModule):
     def _evaluate(self, key: str) -> dict[str, Any] | None:
         if not self.eval_rows:
             return None
-        rows = self.eval_rows[self.global_rank::self.trainer.world_size]
+        rank, world = self.global_rank, self.trainer.world_size
+        rows = self.eval_rows[rank::world]
         chosen = self.scores([r.prompt for r in rows], [r.chosen for r in rows])
         rejected = self.scores([r.prompt for r in rows], [r.rejected for r in rows])
-        result = evaluate_pairs(chosen, rejected, self.trainer.strategy)
+        result = evaluate_pairs(chosen, rejected, self.trainer.strategy,
+                                index=torch.arange(rank, len(self.eval_rows), world))
         self.history[key] = {k: v for k, v in result.items() if k != "bins"}
         log_now(self, {f"eval/{name}": value for name, value in self.history[key].items()})
         if key == "eval" and self.trainer.is_global_zero:
-            examples = self.eval_rows[: self.config.report_examples]
+            examples = rows[: self.config.report_examples]  # rank 0's pairs, with their own scores
             shown = list(zip(examples, chosen[: len(examples)].tolist(), rejected[: len(examples)].tolist(),
                              strict=True))
             write_report(self.stage_dir / "eval", result, shown)

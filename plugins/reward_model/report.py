@@ -14,17 +14,21 @@ from torchmetrics.classification import BinaryAccuracy
 BINS = 10
 
 
-def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, strategy: Any) -> dict[str, Any]:
+def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, strategy: Any,
+                   index: torch.Tensor | None = None) -> dict[str, Any]:
     """Metrics of held-out pairs, reduced over ranks.
 
-    ``chosen, rejected: [N]`` scores of this rank's pairs. For calibration each pair is
-    shown in a fixed orientation (even rows chosen-first, odd rows rejected-first): the
+    ``chosen, rejected: [N]`` scores of this rank's pairs; ``index: [N]`` their positions
+    in the whole evaluation set (default ``0..N-1``). For calibration each pair is shown
+    in a fixed orientation (even positions chosen-first, odd ones rejected-first), so
+    every device count gives the same bins: the
     predicted probability that the first is chosen is ``sigmoid(r_first - r_second)``,
     compared per bin with how often it was chosen. Accuracy is torchmetrics'
     ``BinaryAccuracy`` on those predictions (= the fraction of pairs with ``r_chosen >
     r_rejected``), synchronised across DDP ranks.
     """
-    flip = torch.arange(len(chosen), device=chosen.device) % 2 == 1
+    index = torch.arange(len(chosen), device=chosen.device) if index is None else index.to(chosen.device)
+    flip = index % 2 == 1
     first = torch.where(flip, rejected, chosen)
     second = torch.where(flip, chosen, rejected)
     predicted = torch.sigmoid(first - second)
@@ -35,10 +39,10 @@ def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, strategy: Any) 
     def total(x: torch.Tensor) -> torch.Tensor:
         return strategy.reduce(x.double(), reduce_op="sum")
 
-    index = (predicted * BINS).long().clamp(max=BINS - 1)
-    counts = total(torch.zeros(BINS, device=chosen.device).index_add_(0, index, torch.ones_like(predicted)))
-    p_sums = total(torch.zeros(BINS, device=chosen.device).index_add_(0, index, predicted))
-    o_sums = total(torch.zeros(BINS, device=chosen.device).index_add_(0, index, observed.float()))
+    bins = (predicted * BINS).long().clamp(max=BINS - 1)
+    counts = total(torch.zeros(BINS, device=chosen.device).index_add_(0, bins, torch.ones_like(predicted)))
+    p_sums = total(torch.zeros(BINS, device=chosen.device).index_add_(0, bins, predicted))
+    o_sums = total(torch.zeros(BINS, device=chosen.device).index_add_(0, bins, observed.float()))
     n = counts.sum()
 
     def mean_std(x: torch.Tensor) -> tuple[float, float]:
