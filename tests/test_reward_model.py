@@ -169,6 +169,22 @@ def test_kwise_with_regularizers_normalises_and_reports(tmp_path):
     assert abs(float(scores.mean())) < 1e-4
     assert float(scores.std()) == pytest.approx(1.0, abs=1e-4)
 
+    # the standalone evaluation of the export reproduces the stage's report
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "rlhfkit.plugins.reward_model.evaluate", str(out / "rm" / "export"),
+               "--task", "reviews", "--limit", "40", "--max-length", "48", "--out", str(tmp_path / "cli")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    again = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert again["accuracy"] == report["accuracy"]
+    assert again["chosen_mean"] == pytest.approx(report["chosen_mean"], abs=1e-4)
+    assert "good answer" in done.stdout
+    bad = subprocess.run([*command[:4], "--task", "reviews", "--split", "sft"], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and "needs preference pairs" in bad.stderr
+
 
 DDP_RECIPE = """\
 run: {name: rm-ddp, seed: 0}
