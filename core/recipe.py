@@ -265,9 +265,14 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node: Any = data
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
-            node = node[_index(node, k, keys[: i + 1])]
+            index = _index(node, k, keys[: i + 1])
+            if isinstance(node[index], str):  # a component by bare name: keep the name
+                node[index] = {"name": node[index]}
+            node = node[index]
         else:
-            if not isinstance(node.get(k), (dict, list)):
+            if isinstance(node.get(k), str):  # `objective: ppo-clip` + `objective.x=1` -> {name: ppo-clip, x: 1}
+                node[k] = {"name": node[k]}
+            elif not isinstance(node.get(k), (dict, list)):
                 node[k] = {}
             node = node[k]
     last = keys[-1]

@@ -191,3 +191,40 @@ def test_batch_sizes_are_checked_against_each_other(tmp_path, exports):
     assert result.returncode == 2 and "do not split into minibatches of trainer.batch_size 12" in result.stderr
     result = cli("run", recipe, f"run.dir={tmp_path / 'b'}", "stages.ppo.trainer.max_steps=10", cwd=tmp_path)
     assert result.returncode == 2 and "an iteration is 4 of them" in result.stderr
+
+
+def test_variants_run_end_to_end(tmp_path, exports):
+    """Score one past EOS, minibatch whitening with a clip, DAPO's global token mean, the
+    dual clip, k3 KL in the loss and a critic warm-up: the run finishes with finite losses."""
+    recipe = write_recipe(tmp_path, exports, "[{name: kl, placement: loss, estimator: k3, coef: 0.1}]")
+    out = tmp_path / "run"
+    result = cli("run", recipe, f"run.dir={out}", "stages.ppo.trainer.max_steps=8",
+                 "stages.ppo.algorithm.score_position=after-eos", "stages.ppo.algorithm.advantages.whiten=minibatch",
+                 "stages.ppo.algorithm.advantages.clip=2.0", "stages.ppo.objective.aggregation=global-token-mean",
+                 "stages.ppo.objective.dual_clip=3.0", "stages.ppo.estimator.warmup_iterations=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = rows_by_step(out / "ppo" / "metrics.csv")
+    losses = [r["train/policy/loss"] for s, r in rows.items() if "train/policy/loss" in r]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert all("train/kl/loss_estimate" in rows[s] for s in range(1, 9))
+    # the warm-up iteration left the policy alone: its first 4 steps have no policy gradient
+    assert all(abs(rows[s]["train/policy/approx_kl"]) < 1e-6 for s in range(1, 5))
+
+
+def test_guardrails_warn_once_with_a_pointer_to_the_docs():
+    from types import SimpleNamespace
+
+    from rlhfkit.plugins.ppo.module import PPO
+
+    warnings: list[tuple[str, str]] = []
+    fake = SimpleNamespace(_warn=lambda kind, message: warnings.append((kind, message)))
+    responses = ["", "", "good good good good good good good good", "a"]
+    rollout = SimpleNamespace(responses=responses)
+    PPO._guardrails(fake, rollout, {"kl/ref": -0.5}, torch.tensor([1.0, 1.0, 8.0, 1.0]))
+    kinds = [kind for kind, _ in warnings]
+    assert kinds == ["negative-kl", "collapse-empty"]
+    assert all("docs/ppo-details.md#" in message for _, message in warnings)
+    warnings.clear()
+    PPO._guardrails(fake, SimpleNamespace(responses=["x y " * 6] * 3 + ["fine answer here"]), {"kl/ref": 0.1},
+                    torch.tensor([12.0, 12.0, 12.0, 3.0]))
+    assert [kind for kind, _ in warnings] == ["collapse-repeat"]

@@ -177,6 +177,12 @@ def test_overrides(tmp_path, registry):
     data: dict = {"a": [1, 2]}
     with pytest.raises(UserError, match="not an index"):
         apply_override(data, "a.5=1")
+    # a component given by bare name keeps its name when a setting is overridden
+    data = {"objective": "ppo-clip", "constraints": ["kl", {"name": "entropy"}]}
+    apply_override(data, "objective.clip_high=0.28")
+    apply_override(data, "constraints.0.coef=0.1")
+    assert data == {"objective": {"name": "ppo-clip", "clip_high": 0.28},
+                    "constraints": [{"name": "kl", "coef": 0.1}, {"name": "entropy"}]}
 
 
 def test_yaml_errors_are_user_errors(tmp_path, registry):

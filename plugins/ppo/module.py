@@ -381,7 +381,8 @@ class PPO(L.LightningModule):
                 if term is not None:
                     policy_terms.append(term)
         if critic_only:  # keep the graph (DDP expects every parameter) but train only the critic
-            policy_terms = [LossTerm(sum(t.loss for t in policy_terms) * 0.0, {})]
+            policy_terms = [LossTerm(sum(t.loss for t in policy_terms) * 0.0,
+                                     {k: v for t in policy_terms for k, v in t.metrics.items()})]
         terms += policy_terms
         terms.append(LossTerm(torch.zeros((), device=self.device),
                               {"policy/entropy": masked_mean(entropy.detach(), output.mask)}))
