@@ -153,6 +153,28 @@ class RewardBatch:
 
 
 @dataclass
+class PreferenceBatch:
+    """Log-probs of chosen and rejected responses: what direct preference objectives
+    (DPO and its relatives) consume. ``B`` pairs.
+
+    Attributes:
+        chosen, rejected: ``[B]`` summed token log-probs log pi(y|x) under the policy
+            (with grad).
+        chosen_tokens, rejected_tokens: ``[B]`` response token counts (for per-token
+            averages: IPO, SimPO, ORPO).
+        ref_chosen, ref_rejected: ``[B]`` summed log-probs under the reference, or
+            ``None`` for reference-free objectives (``needs_reference = False``).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+
+@dataclass
 class Advantages:
     """What an estimator returns: ``advantages`` ``[B, T]`` and, for critics, ``returns``
     ``[B, T]`` (the value targets)."""

@@ -185,6 +185,17 @@ class PPO(L.LightningModule):
                 return policy_forward(self.model, rollout, temperature, False)[0]
         return policy_forward(self.reference, rollout, temperature, False)[0]
 
+    @torch.no_grad()
+    def greedy_scores(self, rollout: Rollout) -> torch.Tensor:
+        """``[B]`` reward-source scores of greedy responses to ``rollout.prompts`` (the
+        ReMax baseline), on the device; call it from an estimator's ``prepare``."""
+        parts = []
+        for start in range(0, len(rollout), self.config.generation_batch_size):
+            prompts = rollout.prompts[start:start + self.config.generation_batch_size]
+            parts.append(self._sample(prompts, seed=self.seed, greedy=True).responses)
+        responses = [r for part in parts for r in part]
+        return self.reward.score(rollout.prompts, responses).to(self.device).float()
+
     def _make_experience(self, iteration: int) -> Rollout:
         c = self.config
         started = time.perf_counter()

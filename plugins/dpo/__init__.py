@@ -1,0 +1,98 @@
+"""Direct preference optimisation: the ``dpo`` algorithm and its loss variants (spec §G).
+
+- algorithm ``dpo``: trains a policy on preference pairs. Chosen and rejected responses go
+  through one concatenated forward. Reference log-probs are computed on the fly, or once
+  before training (after which the reference model is freed). With a LoRA policy and no
+  ``reference:`` the reference is the policy with its adapter switched off.
+- objectives ``dpo``, ``cdpo``, ``robust-dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``.
+
+Formulas, defaults and sources: docs/dpo.md. Settings and registration live here; the
+torch code is imported when a stage is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl
+
+
+class DPOConfig(OptimizerSettings):
+    """The policy's AdamW settings (:class:`rlhfkit.OptimizerSettings`), then these."""
+
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    max_length: int = Field(128, ge=2, description="prompt + response tokens; prompts are cut on the left")
+    reference_logps: Literal["on-the-fly", "precompute"] = Field(
+        "on-the-fly", description="reference log-probs per batch, or once for every row before training (the "
+                                  "reference model is then freed)")
+    eval_batch_size: int = Field(64, ge=1, description="pairs per forward when evaluating")
+    eval_prompts: int = Field(128, ge=1, description="held-out prompts answered greedily and scored with `gold`")
+    max_new_tokens: int = Field(32, ge=1, description="length limit of those answers")
+    sample_prompts: int = Field(4, ge=0, description="fixed prompts whose answers are saved before and after")
+
+
+SLOTS = {
+    "policy": Slot("policy", doc="the model to train, e.g. {name: transformers, from_stage: sft}"),
+    "reference": Slot("policy", required=False,
+                      doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
+    "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo or orpo"),
+    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected)"),
+    "eval_data": Slot("dataset", required=False, doc="held-out pairs: implicit-reward accuracy and margins"),
+    "eval_prompts": Slot("dataset", required=False, doc="held-out prompts answered greedily, scored with `gold`"),
+    "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
+}
+
+
+class BetaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0, description="beta, the strength of the implicit KL to the reference")
+
+
+class CDPOConfig(BetaConfig):
+    label_smoothing: float = Field(0.1, ge=0, le=0.5, description="epsilon, the assumed label-flip rate")
+
+
+class RobustDPOConfig(BetaConfig):
+    label_noise: float = Field(0.1, ge=0, lt=0.5, description="epsilon, the label-flip rate corrected for")
+
+
+class SimPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(2.5, gt=0, description="scale of the length-normalised reward (paper: 2.5)")
+    gamma: float = Field(1.375, ge=0, description="target reward margin (paper: 1.375)")
+
+
+class ORPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lam: float = Field(0.1, ge=0, description="lambda, the weight of the odds-ratio term (paper: 0.1)")
+
+
+def _lazy(module: str, name: str) -> Callable[[BaseModel, Any], Any]:
+    def factory(config: BaseModel, context: StageContext) -> Any:
+        import importlib
+
+        cls = getattr(importlib.import_module(f"rlhfkit.plugins.dpo.{module}"), name)
+        return cls(config, context) if module == "module" else cls(config)
+
+    return factory
+
+
+@hookimpl
+def rlhfkit_components() -> list[ComponentSpec]:
+    def objective(name: str, config: type[BaseModel], cls: str, doc: str) -> ComponentSpec:
+        return ComponentSpec(kind="objective", name=name, config=config, factory=_lazy("objectives", cls), doc=doc)
+
+    return [
+        ComponentSpec(kind="algorithm", name="dpo", config=DPOConfig, factory=_lazy("module", "DirectPreference"),
+                      slots=SLOTS, doc="direct preference optimisation on pairs (any objective of the DPO family)"),
+        objective("dpo", BetaConfig, "DPO", "DPO: -log sigmoid(beta * delta)"),
+        objective("cdpo", CDPOConfig, "ConservativeDPO", "conservative DPO (label smoothing)"),
+        objective("robust-dpo", RobustDPOConfig, "RobustDPO", "robust DPO, unbiased under label noise"),
+        objective("ipo", BetaConfig, "IPO", "IPO: (mean-token delta - 1/(2 beta))^2"),
+        objective("hinge", BetaConfig, "Hinge", "SLiC hinge: relu(1 - beta * delta)"),
+        objective("simpo", SimPOConfig, "SimPO", "SimPO: reference-free, length-normalised, with a margin"),
+        objective("orpo", ORPOConfig, "ORPO", "ORPO: NLL of the chosen plus an odds-ratio term, reference-free"),
+    ]

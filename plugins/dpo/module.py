@@ -1,0 +1,284 @@
+"""The ``dpo`` LightningModule: one concatenated forward of chosen and rejected per
+micro-batch, reference log-probs on the fly or precomputed, any DPO-family objective."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rlhfkit import (
+    Preference,
+    PreferenceBatch,
+    StageContext,
+    UserError,
+    adamw,
+    encode_pairs,
+    gradient_sync,
+    log_now,
+    log_step,
+    logprobs_from_logits,
+    masked_sum,
+    optimizer_step,
+    positions_from_mask,
+    step_loader,
+    total_steps,
+)
+from rlhfkit.plugins.dpo import DPOConfig
+
+
+def _pairs(rows: Any, slot: str) -> list[Preference]:
+    rows = list(rows)
+    wrong = next((r for r in rows if not isinstance(r, Preference)), None)
+    if wrong is not None:
+        raise UserError(f"the dpo algorithm trains on preference pairs; `{slot}:` holds {type(wrong).__name__} rows. "
+                        f"Point it at a pair split (e.g. the built-in tasks' `preference`).")
+    return rows
+
+
+class _Holder:
+    """Keeps a model out of the LightningModule's submodules (not checkpointed or moved)."""
+
+    def __init__(self, model: torch.nn.Module | None):
+        self.model = model
+
+
+class DirectPreference(L.LightningModule):
+    def __init__(self, config: DPOConfig, context: StageContext):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.section = context.trainer
+        self.stage_dir = Path(context.stage_dir)
+        self.seed = context.seed
+        self.policy = context.component("policy")
+        self.model = self.policy.model
+        self.objective = context.component("objective")
+        self.needs_reference = getattr(self.objective, "needs_reference", True)
+        reference = context.component("reference")
+        self.adapter_reference = self.needs_reference and reference is None and hasattr(self.model, "disable_adapter")
+        ref_model = None
+        if self.needs_reference and not self.adapter_reference:
+            ref_model = reference.plain_model() if reference is not None else copy.deepcopy(self.policy.plain_model())
+            ref_model.requires_grad_(False).eval()
+        self.reference = _Holder(ref_model)
+        self.rows = _pairs(context.component("data").rows(), "data")
+        eval_data = context.component("eval_data")
+        self.eval_rows = _pairs(eval_data.rows(), "eval_data") if eval_data else []
+        prompts = context.component("eval_prompts")
+        self.eval_prompts = [r.prompt for r in prompts.rows()][: config.eval_prompts] if prompts else []
+        self.gold = context.component("gold")
+        self.total_steps = total_steps(self.section, len(self.rows))
+        self.precomputed: torch.Tensor | None = None  # [N, 2] reference log-probs of chosen, rejected
+        self.precomputed_eval: torch.Tensor | None = None
+        self.history: dict[str, Any] = {}
+        self._last_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ data
+    def _encode(self, rows: list[Preference]) -> dict[str, torch.Tensor]:
+        """``[2B, L]`` tokens: the chosen responses, then the rejected ones."""
+        prompts = [r.prompt for r in rows] * 2
+        completions = [r.chosen for r in rows] + [r.rejected for r in rows]
+        encoded = encode_pairs(self.policy.tokenizer, prompts, completions, self.config.max_length)
+        return {name: torch.tensor(values) for name, values in encoded.items()}
+
+    def _collate(self, items: list[tuple[int, Preference]]) -> dict[str, torch.Tensor]:
+        return self._encode([row for _, row in items]) | {"index": torch.tensor([i for i, _ in items])}
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return step_loader(list(enumerate(self.rows)), self._collate, self.section, self.seed, self.total_steps,
+                           position=lambda: self.trainer.global_step, rank=self.global_rank)
+
+    def configure_optimizers(self) -> Any:
+        return adamw([(self.model.parameters(), self.config)], self.total_steps)
+
+    # ------------------------------------------------------------------ log-probs
+    def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs ``[2B]`` and response token counts ``[2B]``."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+        labels = batch["labels_mask"][:, 1:].float()
+        return masked_sum(logprobs, labels, dim=1), labels.sum(1)
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.adapter_reference:
+            with self.model.disable_adapter():
+                return self._sequence_logps(self.model, batch)[0]
+        return self._sequence_logps(self.reference.model, batch)[0]
+
+    def _preference_batch(self, chunk: dict[str, torch.Tensor]) -> PreferenceBatch:
+        logps, tokens = self._sequence_logps(self.model, chunk)
+        b = logps.shape[0] // 2
+        batch = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
+        if self.needs_reference:
+            if self.precomputed is not None:
+                ref = self.precomputed[chunk["index"].cpu()].to(self.device)
+                batch.ref_chosen, batch.ref_rejected = ref[:, 0], ref[:, 1]
+            else:
+                ref = self._reference_logps(chunk)
+                batch.ref_chosen, batch.ref_rejected = ref[:b], ref[b:]
+        return batch
+
+    @staticmethod
+    def _pair_metrics(batch: PreferenceBatch) -> dict[str, torch.Tensor]:
+        """Implicit rewards ``log π − log ref`` (SimPO/ORPO: mean token log-probs)."""
+        with torch.no_grad():
+            if batch.ref_chosen is not None:
+                chosen = batch.chosen - batch.ref_chosen
+                rejected = batch.rejected - batch.ref_rejected
+            else:
+                chosen = batch.chosen / batch.chosen_tokens.clamp(min=1)
+                rejected = batch.rejected / batch.rejected_tokens.clamp(min=1)
+            out = {"rewards/accuracy": (chosen > rejected).float().mean(),
+                   "rewards/margin": (chosen - rejected).mean(),
+                   "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                   "logps/chosen": batch.chosen.mean(), "logps/rejected": batch.rejected.mean()}
+            if batch.ref_chosen is not None:  # sequence log-ratio to the reference on the data (k1)
+                out["kl/implicit"] = ((batch.chosen - batch.ref_chosen).mean()
+                                      + (batch.rejected - batch.ref_rejected).mean()) / 2
+        return out
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        pairs = batch["index"].shape[0]
+        world = self.trainer.world_size
+        per_chunk = self.section.micro_batch_size
+        chunks = [self._pair_slice(batch, i, min(i + per_chunk, pairs)) for i in range(0, pairs, per_chunk)]
+        sums: dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(chunks):
+            n = chunk["index"].shape[0]
+            with gradient_sync(self, last=i == len(chunks) - 1):
+                preference = self._preference_batch(chunk)
+                term = self.objective(preference)
+                self.manual_backward(term.loss * n / self.section.batch_size * world)
+            for name, value in {**term.metrics, **self._pair_metrics(preference)}.items():
+                sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
+        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        step = self.global_step
+        if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            reduce = self.trainer.strategy.reduce
+            log_step(self, {**{f"train/{k}": reduce(v / pairs, reduce_op="mean") for k, v in sums.items()},
+                            "train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0],
+                            "train/pairs_per_s": pairs * world * self.section.log_every_n_steps
+                            / (now - self._last_time)})
+            self._last_time = now
+        if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
+            self._evaluate("eval")
+
+    @staticmethod
+    def _pair_slice(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
+        """Pairs ``start:end`` of a ``[2B, L]`` batch, chosen and rejected kept together."""
+        b = batch["index"].shape[0]
+        rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)])
+        return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
+
+    # ------------------------------------------------------------ reference
+    def _reference_table(self, rows: list[Preference]) -> torch.Tensor:
+        """``[N, 2]`` reference log-probs of the chosen and rejected response of each row."""
+        out = []
+        size = self.config.eval_batch_size
+        for start in range(0, len(rows), size):
+            batch = {k: v.to(self.device) for k, v in self._encode(rows[start:start + size]).items()}
+            out.append(self._reference_logps(batch).view(2, -1).T.cpu())
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def _precompute(self) -> None:
+        """Reference log-probs of every training and evaluation row, then the reference
+        model is freed (its memory goes back before the first step)."""
+        if self.precomputed is None:
+            self.precomputed = self._reference_table(self.rows)
+            self.precomputed_eval = self._reference_table(self.eval_rows)
+        self.reference.model = None
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _evaluate(self, key: str) -> None:
+        metrics: dict[str, float] = {}
+        if self.eval_rows:
+            was = self.model.training
+            self.model.eval()
+            sums: dict[str, float] = {}
+            for start in range(0, len(self.eval_rows), self.config.eval_batch_size):
+                rows = self.eval_rows[start:start + self.config.eval_batch_size]
+                batch = {k: v.to(self.device) for k, v in self._encode(rows).items()}
+                logps, tokens = self._sequence_logps(self.model, batch)
+                b = len(rows)
+                preference = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
+                if self.needs_reference and self.precomputed_eval is not None:
+                    ref = self.precomputed_eval[start:start + b].to(self.device)
+                    preference.ref_chosen, preference.ref_rejected = ref[:, 0], ref[:, 1]
+                elif self.needs_reference:
+                    ref = self._reference_logps(batch)
+                    preference.ref_chosen, preference.ref_rejected = ref[:b], ref[b:]
+                for name, value in self._pair_metrics(preference).items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * b
+            self.model.train(was)
+            metrics.update({name: value / len(self.eval_rows) for name, value in sums.items()})
+        if self.eval_prompts and self.gold is not None:
+            responses = self._answers(self.eval_prompts)
+            metrics["gold"] = float(self.gold.score(self.eval_prompts, responses).mean())
+            if hasattr(self.gold, "evaluate"):
+                task = self.gold.evaluate(self.eval_prompts, responses)
+                metrics.update({f"task/{k}": v for k, v in task.items() if k != "gold"})
+        if metrics:
+            self.history[key] = metrics
+            log_now(self, {f"eval/{name}": value for name, value in metrics.items()})
+
+    def _answers(self, prompts: list[str]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), self.config.eval_batch_size):
+            out += self.policy.generate(prompts[start:start + self.config.eval_batch_size],
+                                        max_new_tokens=self.config.max_new_tokens, do_sample=False)
+        return out
+
+    def _samples(self, when: str) -> None:
+        prompts = self.eval_prompts[: self.config.sample_prompts]
+        if not prompts or not self.trainer.is_global_zero:
+            return
+        rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, self._answers(prompts),
+                                                                            strict=True)]
+        with open(self.stage_dir / "samples.jsonl", "w" if when == "before" else "a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def on_train_start(self) -> None:
+        if self.reference.model is not None:
+            self.reference.model.to(self.device)
+        if self.global_step == 0:
+            self._evaluate("eval_before")
+            self._samples("before")
+        if self.needs_reference and self.config.reference_logps == "precompute":
+            self._precompute()
+        self._last_time = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._evaluate("eval_after")
+        self._samples("after")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo"] = {"history": json.dumps(self.history), "precomputed": self.precomputed,
+                             "precomputed_eval": self.precomputed_eval}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = json.loads(checkpoint["dpo"]["history"])
+        self.precomputed = checkpoint["dpo"]["precomputed"]
+        self.precomputed_eval = checkpoint["dpo"]["precomputed_eval"]
+
+    # ---------------------------------------------------------------- output
+    def export(self, directory: Path) -> None:
+        self.policy.export(directory)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.global_step}
+        for key, prefix in (("eval_before", "before_"), ("eval_after", "")):
+            for name, value in (self.history.get(key) or {}).items():
+                out[f"{prefix}{name}"] = value
+        return out

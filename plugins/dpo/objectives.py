@@ -1,0 +1,78 @@
+"""The direct preference objectives: each turns a :class:`rlhfkit.PreferenceBatch` into a
+:class:`rlhfkit.LossTerm` with one function of ``losses``. ``needs_reference = False``
+tells the ``dpo`` algorithm to skip the reference forward (SimPO, ORPO)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhfkit import LossTerm, PreferenceBatch
+from rlhfkit.plugins.dpo import losses
+
+
+def _mean_logps(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    return (batch.chosen.float() / batch.chosen_tokens.clamp(min=1),
+            batch.rejected.float() / batch.rejected_tokens.clamp(min=1))
+
+
+def _delta(batch: PreferenceBatch) -> torch.Tensor:
+    return losses.margin(batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected)
+
+
+class _WithReference:
+    needs_reference = True
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def _term(self, per_pair: torch.Tensor) -> LossTerm:
+        loss = per_pair.mean()
+        return LossTerm(loss, {"dpo/loss": loss.detach()})
+
+
+class DPO(_WithReference):
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        return self._term(losses.dpo(_delta(batch), self.config.beta))
+
+
+class ConservativeDPO(_WithReference):
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        return self._term(losses.cdpo(_delta(batch), self.config.beta, self.config.label_smoothing))
+
+
+class RobustDPO(_WithReference):
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        return self._term(losses.robust_dpo(_delta(batch), self.config.beta, self.config.label_noise))
+
+
+class IPO(_WithReference):
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        pc, pr = _mean_logps(batch)
+        rc = batch.ref_chosen.float() / batch.chosen_tokens.clamp(min=1)
+        rr = batch.ref_rejected.float() / batch.rejected_tokens.clamp(min=1)
+        return self._term(losses.ipo(losses.margin(pc, pr, rc, rr), self.config.beta))
+
+
+class Hinge(_WithReference):
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        return self._term(losses.hinge(_delta(batch), self.config.beta))
+
+
+class SimPO(_WithReference):
+    needs_reference = False
+
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        mean_w, mean_l = _mean_logps(batch)
+        return self._term(losses.simpo(mean_w, mean_l, self.config.beta, self.config.gamma))
+
+
+class ORPO(_WithReference):
+    needs_reference = False
+
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        mean_w, mean_l = _mean_logps(batch)
+        per_pair = losses.orpo(mean_w, mean_l, -mean_w, self.config.lam)
+        loss = per_pair.mean()
+        return LossTerm(loss, {"dpo/loss": loss.detach(), "orpo/nll_chosen": (-mean_w).mean().detach()})
