@@ -148,3 +148,26 @@ def test_wrong_rows_are_a_clear_error(tmp_path):
     result = cli("run", DPO, *TINY_DPO, f"run.dir={tmp_path / 'run'}", "stages.dpo.data.split=sft", cwd=tmp_path)
     assert result.returncode == 2
     assert "trains on preference pairs; `data:` holds PromptCompletion rows" in result.stderr
+
+
+def test_online_dpo_samples_labels_and_trains(tmp_path):
+    """Online DPO: pairs sampled from the policy each step, labelled by a reward (here the
+    gold scorer), trained with the DPO loss; the same command resumes nothing and reruns
+    identically (sampling seeded by step)."""
+    common = [*TINY_SFT, "stages.sft.trainer.max_steps=20", "stages.dpo.trainer.max_steps=4",
+              "stages.dpo.trainer.batch_size=8", "stages.dpo.trainer.micro_batch_size=4",
+              "stages.dpo.trainer.log_every_n_steps=1", "stages.dpo.algorithm.lr=1e-3",
+              "stages.dpo.algorithm.online={max_new_tokens: 8}", "stages.dpo.data.split=prompts",
+              "stages.dpo.reward={name: gold, task: reviews}", "stages.dpo.eval_data=null",
+              "stages.dpo.eval_prompts.limit=8", "stages.dpo.algorithm.max_new_tokens=8"]
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = cli("run", DPO, *common, f"run.dir={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs.append(read_metrics(out / "dpo" / "metrics.csv"))
+    pairs = column(runs[0], "train/online/pairs")
+    assert sorted(pairs) == [1, 2, 3, 4] and all(0 < n <= 8 for n in pairs.values())
+    assert column(runs[0], "train/dpo/loss") == column(runs[1], "train/dpo/loss")
+    missing = cli("run", DPO, *common[:-5], f"run.dir={tmp_path / 'c'}", "stages.dpo.eval_data=null", cwd=tmp_path)
+    assert missing.returncode == 2 and "fill the `reward:` slot" in missing.stderr

@@ -4,6 +4,8 @@
   through one concatenated forward. Reference log-probs are computed on the fly, or once
   before training (after which the reference model is freed). With a LoRA policy and no
   ``reference:`` the reference is the policy with its adapter switched off.
+- online (iterative) DPO with ``online:``: pairs sampled from the current policy each step
+  and labelled by any reward source.
 - objectives ``dpo``, ``cdpo``, ``robust-dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``.
 
 Formulas, defaults and sources: docs/dpo.md. Settings and registration live here; the
@@ -20,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl
 
 
+class OnlineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="length limit of the sampled responses")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0 keeps every token")
+
+
 class DPOConfig(OptimizerSettings):
     """The policy's AdamW settings (:class:`rlhfkit.OptimizerSettings`), then these."""
 
@@ -32,6 +42,9 @@ class DPOConfig(OptimizerSettings):
     eval_prompts: int = Field(128, ge=1, description="held-out prompts answered greedily and scored with `gold`")
     max_new_tokens: int = Field(32, ge=1, description="length limit of those answers")
     sample_prompts: int = Field(4, ge=0, description="fixed prompts whose answers are saved before and after")
+    online: OnlineSettings | None = Field(
+        None, description="online (iterative) DPO: each step samples two responses per prompt of `data` from the "
+                          "current policy, labels them with `reward` and trains on the pairs; null: offline pairs")
 
 
 SLOTS = {
@@ -39,7 +52,8 @@ SLOTS = {
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo or orpo"),
-    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected)"),
+    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected); prompts when online"),
+    "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
     "eval_data": Slot("dataset", required=False, doc="held-out pairs: implicit-reward accuracy and margins"),
     "eval_prompts": Slot("dataset", required=False, doc="held-out prompts answered greedily, scored with `gold`"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),

@@ -67,7 +67,17 @@ class DirectPreference(L.LightningModule):
             ref_model = reference.plain_model() if reference is not None else copy.deepcopy(self.policy.plain_model())
             ref_model.requires_grad_(False).eval()
         self.reference = _Holder(ref_model)
-        self.rows = _pairs(context.component("data").rows(), "data")
+        self.reward = context.component("reward")
+        if config.online is not None:
+            if self.reward is None:
+                raise UserError("online DPO (algorithm.online) labels its samples with a reward: fill the `reward:` "
+                                "slot, e.g. {name: reward-model, from_stage: rm}")
+            if config.reference_logps == "precompute":
+                raise UserError("online DPO samples new pairs every step, so reference log-probs cannot be "
+                                "precomputed; set algorithm.reference_logps: on-the-fly")
+            self.rows = [self._prompt_row(r) for r in context.component("data").rows()]
+        else:
+            self.rows = _pairs(context.component("data").rows(), "data")
         eval_data = context.component("eval_data")
         self.eval_rows = _pairs(eval_data.rows(), "eval_data") if eval_data else []
         prompts = context.component("eval_prompts")
@@ -87,8 +97,36 @@ class DirectPreference(L.LightningModule):
         encoded = encode_pairs(self.policy.tokenizer, prompts, completions, self.config.max_length)
         return {name: torch.tensor(values) for name, values in encoded.items()}
 
-    def _collate(self, items: list[tuple[int, Preference]]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _prompt_row(row: Any) -> Preference:
+        prompt = getattr(row, "prompt", None)
+        if prompt is None:
+            raise UserError(f"online DPO samples from prompts; a {type(row).__name__} row has none. Point `data:` "
+                            f"at prompt rows (e.g. the built-in tasks' `prompts` split).")
+        return Preference(prompt, "", "")
+
+    def _collate(self, items: list[tuple[int, Preference]]) -> dict[str, Any]:
+        if self.config.online is not None:  # pairs are sampled in the step, on the device
+            return {"index": torch.tensor([i for i, _ in items]), "prompts": [row.prompt for _, row in items]}
         return self._encode([row for _, row in items]) | {"index": torch.tensor([i for i, _ in items])}
+
+    @torch.no_grad()
+    def _online_pairs(self, prompts: list[str]) -> dict[str, Any]:
+        """Two sampled responses per prompt, labelled by the reward (ties are dropped: they
+        carry no preference). Sampling is seeded by (seed, step, rank): resume is exact."""
+        online = self.config.online
+        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        responses = self.policy.generate(prompts * 2, max_new_tokens=online.max_new_tokens, do_sample=True,
+                                         temperature=online.temperature, top_k=online.top_k, top_p=online.top_p)
+        first, second = responses[: len(prompts)], responses[len(prompts):]
+        scores = self.reward.score(prompts * 2, responses).float().cpu()
+        a, b = scores[: len(prompts)], scores[len(prompts):]
+        rows = [Preference(p, x, y) if sa > sb else Preference(p, y, x)
+                for p, x, y, sa, sb in zip(prompts, first, second, a.tolist(), b.tolist(), strict=True) if sa != sb]
+        self._online_log = {"online/score": float(scores.mean()), "online/pairs": float(len(rows)),
+                            "online/score_gap": float((a - b).abs().mean())}
+        batch = {k: v.to(self.device) for k, v in self._encode(rows).items()} if rows else None
+        return {"batch": batch, "rows": len(rows)}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return step_loader(list(enumerate(self.rows)), self._collate, self.section, self.seed, self.total_steps,
@@ -147,7 +185,14 @@ class DirectPreference(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ step
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.config.online is not None:
+            sampled = self._online_pairs(batch["prompts"])
+            if sampled["batch"] is None:  # every pair tied: nothing to learn this step
+                self.optimizers().zero_grad(set_to_none=True)
+                optimizer_step(self, self.section.gradient_clip)
+                return
+            batch = sampled["batch"] | {"index": torch.arange(sampled["rows"])}
         pairs = batch["index"].shape[0]
         world = self.trainer.world_size
         per_chunk = self.section.micro_batch_size
@@ -158,7 +203,10 @@ class DirectPreference(L.LightningModule):
             with gradient_sync(self, last=i == len(chunks) - 1):
                 preference = self._preference_batch(chunk)
                 term = self.objective(preference)
-                self.manual_backward(term.loss * n / self.section.batch_size * world)
+                # offline: every pair of the global batch weighs the same; online: ties are dropped, so
+                # this rank's pairs are averaged (and DDP averages the ranks)
+                share = pairs if self.config.online is not None else self.section.batch_size / world
+                self.manual_backward(term.loss * n / share)
             for name, value in {**term.metrics, **self._pair_metrics(preference)}.items():
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
         grad_norm = optimizer_step(self, self.section.gradient_clip)
@@ -167,6 +215,7 @@ class DirectPreference(L.LightningModule):
             now = time.perf_counter()
             reduce = self.trainer.strategy.reduce
             log_step(self, {**{f"train/{k}": reduce(v / pairs, reduce_op="mean") for k, v in sums.items()},
+                            **{f"train/{k}": v for k, v in getattr(self, "_online_log", {}).items()},
                             "train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0],
                             "train/pairs_per_s": pairs * world * self.section.log_every_n_steps
                             / (now - self._last_time)})
@@ -252,6 +301,9 @@ class DirectPreference(L.LightningModule):
     def on_train_start(self) -> None:
         if self.reference.model is not None:
             self.reference.model.to(self.device)
+        mover = getattr(self.reward, "to", None)
+        if mover is not None:
+            mover(self.device)
         if self.global_step == 0:
             self._evaluate("eval_before")
             self._samples("before")
