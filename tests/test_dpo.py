@@ -171,3 +171,22 @@ def test_online_dpo_samples_labels_and_trains(tmp_path):
     assert column(runs[0], "train/dpo/loss") == column(runs[1], "train/dpo/loss")
     missing = cli("run", DPO, *common[:-5], f"run.dir={tmp_path / 'c'}", "stages.dpo.eval_data=null", cwd=tmp_path)
     assert missing.returncode == 2 and "fill the `reward:` slot" in missing.stderr
+
+
+def test_tr_dpo_reference_sync(tmp_path):
+    """TR-DPO as the reference-ema constraint: a hard sync (rate 1) every 2 steps makes the
+    reference equal the policy, so the loss of the next step is log 2 again."""
+    out = tmp_path / "run"
+    result = cli("run", DPO, *TINY_DPO, f"run.dir={out}", "stages.dpo.trainer.max_steps=5",
+                 "stages.dpo.constraints=[{name: reference-ema, rate: 1.0, every: 2}]", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_metrics(out / "dpo" / "metrics.csv")
+    dpo_losses = column(rows, "train/dpo/loss")
+    assert dpo_losses[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert dpo_losses[2] != pytest.approx(math.log(2), abs=1e-3)  # the policy moved away from its reference
+    for step in (3, 5):  # right after a sync (after steps 2 and 4)
+        assert dpo_losses[step] == pytest.approx(math.log(2), abs=1e-5), step
+    assert sorted(column(rows, "reference_ema/distance")) == [2, 4]
+    refused = cli("run", DPO, *TINY_DPO, f"run.dir={tmp_path / 'b'}", "stages.dpo.algorithm.reference_logps=precompute",
+                  "stages.dpo.constraints=[reference-ema]", cwd=tmp_path)
+    assert refused.returncode == 2 and "need reference log-probs on the fly" in refused.stderr

@@ -9,7 +9,8 @@ term and/or updates state after an iteration, and acts in recipe order.
 - ``missing-eos``: a penalty on responses that hit the length limit without EOS.
 - ``entropy``: an entropy bonus (or MOSS's pull towards a target entropy).
 - ``ptx``: pretraining-loss mixing with its own dataset (InstructGPT PPO-ptx).
-- ``reference-ema``: the reference model follows the policy (Xu et al. 2024).
+- ``reference-ema``: the reference model follows the policy (Xu et al. 2024), or is
+  synced to it every n steps (TR-DPO, Gorbatovski et al. 2024).
 
 Settings and registration here; the torch code is in ``components.py``.
 """
@@ -75,8 +76,10 @@ class PtxConfig(BaseModel):
 
 class ReferenceEMAConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rate: float = Field(0.001, gt=0, le=1, description="eta in ref <- eta * policy + (1 - eta) * ref, after each "
-                                                       "iteration (ReaLHF example: 0.001)")
+    rate: float = Field(0.001, gt=0, le=1, description="eta in ref <- eta * policy + (1 - eta) * ref (ReaLHF "
+                                                       "example: 0.001; TR-DPO soft update: 0.6)")
+    every: int = Field(1, ge=1, description="update every n-th time: PPO calls it after each iteration, DPO after "
+                                            "each optimizer step (TR-DPO: every 512 steps)")
 
 
 def _lazy(class_name: str) -> Callable[[BaseModel, Any], Any]:

@@ -54,6 +54,9 @@ SLOTS = {
     "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo or orpo"),
     "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
+    "constraints": Slot("constraint", required=False, many=True,
+                        doc="after each optimizer step, e.g. TR-DPO's reference sync {name: reference-ema, rate: "
+                            "0.6, every: 512}"),
     "eval_data": Slot("dataset", required=False, doc="held-out pairs: implicit-reward accuracy and margins"),
     "eval_prompts": Slot("dataset", required=False, doc="held-out prompts answered greedily, scored with `gold`"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),

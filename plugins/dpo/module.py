@@ -67,6 +67,16 @@ class DirectPreference(L.LightningModule):
             ref_model = reference.plain_model() if reference is not None else copy.deepcopy(self.policy.plain_model())
             ref_model.requires_grad_(False).eval()
         self.reference = _Holder(ref_model)
+        self.constraints = context.component("constraints") or []
+        if self.constraints:
+            if config.reference_logps == "precompute":
+                raise UserError("constraints that move the reference (reference-ema, TR-DPO) need reference "
+                                "log-probs on the fly; set algorithm.reference_logps: on-the-fly")
+            # a reference that changes is state: a submodule is checkpointed and moved with the module
+            self.moving_reference = ref_model
+        for constraint in self.constraints:
+            if hasattr(constraint, "bind"):
+                constraint.bind(self)
         self.reward = context.component("reward")
         if config.online is not None:
             if self.reward is None:
@@ -150,6 +160,7 @@ class DirectPreference(L.LightningModule):
         if self.adapter_reference:
             with self.model.disable_adapter():
                 return self._sequence_logps(self.model, batch)[0]
+        self.reference.model.eval()  # no dropout in the reference, whatever mode Lightning set
         return self._sequence_logps(self.reference.model, batch)[0]
 
     def _preference_batch(self, chunk: dict[str, torch.Tensor]) -> PreferenceBatch:
@@ -210,6 +221,12 @@ class DirectPreference(L.LightningModule):
             for name, value in {**term.metrics, **self._pair_metrics(preference)}.items():
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
         grad_norm = optimizer_step(self, self.section.gradient_clip)
+        after: dict[str, float] = {}
+        for constraint in self.constraints:
+            if hasattr(constraint, "after_update"):
+                after.update(constraint.after_update(None) or {})
+        if after:
+            log_now(self, after)
         step = self.global_step
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
             now = time.perf_counter()
@@ -317,12 +334,16 @@ class DirectPreference(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dpo"] = {"history": json.dumps(self.history), "precomputed": self.precomputed,
-                             "precomputed_eval": self.precomputed_eval}
+                             "precomputed_eval": self.precomputed_eval,
+                             "constraints": [getattr(c, "state_dict", dict)() for c in self.constraints]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = json.loads(checkpoint["dpo"]["history"])
         self.precomputed = checkpoint["dpo"]["precomputed"]
         self.precomputed_eval = checkpoint["dpo"]["precomputed_eval"]
+        for constraint, state in zip(self.constraints, checkpoint["dpo"]["constraints"], strict=True):
+            if hasattr(constraint, "load_state_dict") and state:
+                constraint.load_state_dict(state)
 
     # ---------------------------------------------------------------- output
     def export(self, directory: Path) -> None:
