@@ -164,6 +164,10 @@ class PreferenceBatch:
             averages: IPO, SimPO, ORPO).
         ref_chosen, ref_rejected: ``[B]`` summed log-probs under the reference, or
             ``None`` for reference-free objectives (``needs_reference = False``).
+        mismatched, ref_mismatched: ``[B]`` summed log-probs (no grad) of each prompt
+            with another pair's chosen response, under the policy and the reference;
+            filled for objectives that set ``needs_mismatched = True`` (KTO's KL
+            reference point).
     """
 
     chosen: torch.Tensor
@@ -172,6 +176,8 @@ class PreferenceBatch:
     rejected_tokens: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    mismatched: torch.Tensor | None = None
+    ref_mismatched: torch.Tensor | None = None
 
 
 @dataclass

@@ -124,7 +124,7 @@ def test_precomputed_reference_gives_the_same_run(tmp_path):
     assert losses_of["on-the-fly"][1] == pytest.approx(math.log(2), abs=1e-5)  # Δ = 0 at the start
 
 
-@pytest.mark.parametrize("objective", ["cdpo", "robust-dpo", "ipo", "hinge", "simpo", "orpo"])
+@pytest.mark.parametrize("objective", ["cdpo", "robust-dpo", "ipo", "hinge", "simpo", "orpo", "kto"])
 def test_every_objective_trains(tmp_path, objective):
     out = tmp_path / "run"
     result = cli("run", DPO, *TINY_DPO, f"run.dir={out}", f"stages.dpo.objective={{name: {objective}}}",
@@ -132,6 +132,22 @@ def test_every_objective_trains(tmp_path, objective):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = read_metrics(out / "dpo" / "metrics.csv")
     assert len(column(rows, "train/dpo/loss")) == 2
+
+
+def test_kto_component_by_hand():
+    plugins = load_plugins()
+    kto = StageContext(registry=plugins.registry).build(ref("objective")(name="kto", beta=1.0,
+                                                                        undesirable_weight=2.0))
+    batch = PreferenceBatch(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.ones(2), torch.ones(2),
+                            torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0]),
+                            mismatched=torch.tensor([-4.0, -3.0]), ref_mismatched=torch.tensor([-5.0, -5.0]))
+    z0 = 1.5  # mean(1, 2), clamped at 0
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    desirable = [1 - sig(1.0 - z0), 1 - sig(0.0 - z0)]  # Δ = 1, 0
+    undesirable = [2 * (1 - sig(z0 - (-1.0))), 2 * (1 - sig(z0 - 1.0))]  # Δ = -1, 1
+    term = kto(batch)
+    assert float(term.loss) == pytest.approx(sum(desirable + undesirable) / 4, abs=1e-6)
+    assert float(term.metrics["kto/z0"]) == pytest.approx(z0)
 
 
 def test_lora_reference_is_the_adapter_switched_off(tmp_path):

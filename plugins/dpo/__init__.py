@@ -6,7 +6,8 @@
   ``reference:`` the reference is the policy with its adapter switched off.
 - online (iterative) DPO with ``online:``: pairs sampled from the current policy each step
   and labelled by any reward source.
-- objectives ``dpo``, ``cdpo``, ``robust-dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``.
+- objectives ``dpo``, ``cdpo``, ``robust-dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``,
+  and ``kto`` (the pairs taken apart into desirable and undesirable responses).
 
 Formulas, defaults and sources: docs/dpo.md. Settings and registration live here; the
 torch code is imported when a stage is built.
@@ -51,7 +52,7 @@ SLOTS = {
     "policy": Slot("policy", doc="the model to train, e.g. {name: transformers, from_stage: sft}"),
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
-    "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo or orpo"),
+    "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
     "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
     "constraints": Slot("constraint", required=False, many=True,
@@ -80,6 +81,12 @@ class SimPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     beta: float = Field(2.5, gt=0, description="scale of the length-normalised reward (paper: 2.5)")
     gamma: float = Field(1.375, ge=0, description="target reward margin (paper: 1.375)")
+
+
+class KTOConfig(BetaConfig):
+    desirable_weight: float = Field(1.0, gt=0, description="w_D, the weight of desirable examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="w_U, the weight of undesirable examples (the paper "
+                                                             "keeps w_D n_D / (w_U n_U) in [1, 4/3])")
 
 
 class ORPOConfig(BaseModel):
@@ -112,4 +119,5 @@ def rlhfkit_components() -> list[ComponentSpec]:
         objective("hinge", BetaConfig, "Hinge", "SLiC hinge: relu(1 - beta * delta)"),
         objective("simpo", SimPOConfig, "SimPO", "SimPO: reference-free, length-normalised, with a margin"),
         objective("orpo", ORPOConfig, "ORPO", "ORPO: NLL of the chosen plus an odds-ratio term, reference-free"),
+        objective("kto", KTOConfig, "KTO", "KTO: prospect-theory loss on desirable and undesirable responses"),
     ]

@@ -60,6 +60,7 @@ class DirectPreference(L.LightningModule):
         self.model = self.policy.model
         self.objective = context.component("objective")
         self.needs_reference = getattr(self.objective, "needs_reference", True)
+        self.needs_mismatched = getattr(self.objective, "needs_mismatched", False)
         reference = context.component("reference")
         self.adapter_reference = self.needs_reference and reference is None and hasattr(self.model, "disable_adapter")
         ref_model = None
@@ -77,6 +78,9 @@ class DirectPreference(L.LightningModule):
         for constraint in self.constraints:
             if hasattr(constraint, "bind"):
                 constraint.bind(self)
+        if self.needs_mismatched and (config.online is not None or config.reference_logps == "precompute"):
+            raise UserError("the kto objective scores mismatched pairs with the reference at every step: use it "
+                            "offline with algorithm.reference_logps: on-the-fly")
         self.reward = context.component("reward")
         if config.online is not None:
             if self.reward is None:
@@ -163,10 +167,22 @@ class DirectPreference(L.LightningModule):
         self.reference.model.eval()  # no dropout in the reference, whatever mode Lightning set
         return self._sequence_logps(self.reference.model, batch)[0]
 
+    @torch.no_grad()
+    def _mismatched(self, chunk: dict[str, torch.Tensor], rows: list[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs of prompt i with pair i+1's chosen response."""
+        shifted = [Preference(r.prompt, rows[(i + 1) % len(rows)].chosen, "") for i, r in enumerate(rows)]
+        encoded = encode_pairs(self.policy.tokenizer, [r.prompt for r in shifted], [r.chosen for r in shifted],
+                               self.config.max_length)
+        batch = {k: torch.tensor(v, device=self.device) for k, v in encoded.items()}
+        return self._sequence_logps(self.model, batch)[0], self._reference_logps(batch)
+
     def _preference_batch(self, chunk: dict[str, torch.Tensor]) -> PreferenceBatch:
         logps, tokens = self._sequence_logps(self.model, chunk)
         b = logps.shape[0] // 2
         batch = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
+        if self.needs_mismatched:
+            rows = [self.rows[i] for i in chunk["index"].tolist()]
+            batch.mismatched, batch.ref_mismatched = self._mismatched(chunk, rows)
         if self.needs_reference:
             if self.precomputed is not None:
                 ref = self.precomputed[chunk["index"].cpu()].to(self.device)

@@ -76,3 +76,20 @@ class ORPO(_WithReference):
         per_pair = losses.orpo(mean_w, mean_l, -mean_w, self.config.lam)
         loss = per_pair.mean()
         return LossTerm(loss, {"dpo/loss": loss.detach(), "orpo/nll_chosen": (-mean_w).mean().detach()})
+
+
+class KTO(_WithReference):
+    """KTO on the pairs taken apart: every chosen response is a desirable example and
+    every rejected one an undesirable example (TRL's unpairing); the reference point
+    ``z0`` comes from mismatched (prompt, response) pairs of the batch."""
+
+    needs_mismatched = True
+
+    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+        c = self.config
+        z0 = losses.kto_reference_point(batch.mismatched, batch.ref_mismatched)
+        delta = torch.cat([batch.chosen - batch.ref_chosen, batch.rejected - batch.ref_rejected])
+        desirable = torch.arange(delta.shape[0], device=delta.device) < batch.chosen.shape[0]
+        per_row = losses.kto(delta, desirable, z0, c.beta, c.desirable_weight, c.undesirable_weight)
+        loss = per_row.mean()
+        return LossTerm(loss, {"dpo/loss": loss.detach(), "kto/z0": z0})
