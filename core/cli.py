@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        # MKL may pick kernels by memory alignment, which differs between processes: strict
+        # conditional reproducibility keeps a resumed run bit-identical (set before MKL starts)
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     console = Console()
     try:
         plugins = load_plugins(block=args.block_plugin)

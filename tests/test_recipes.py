@@ -31,7 +31,9 @@ def shrink(recipe_path: Path, run_dir: Path) -> list[str]:
                           f"stages.{name}.policy.architecture.heads=2"]
         algorithm = stage.get("algorithm")
         if isinstance(algorithm, dict) and algorithm.get("name") == "ppo":  # 4 responses: 1 update per iteration
-            overrides += [f"stages.{name}.algorithm.prompts_per_iteration=4", f"stages.{name}.algorithm.epochs=1",
+            prompts = max(1, 4 // algorithm.get("samples_per_prompt", 1))
+            overrides += [f"stages.{name}.algorithm.prompts_per_iteration={prompts}",
+                          f"stages.{name}.algorithm.epochs=1",
                           f"stages.{name}.algorithm.sampling.max_new_tokens=6",
                           f"stages.{name}.algorithm.eval_prompts=4"]
         if isinstance(stage.get("eval_data"), dict):
