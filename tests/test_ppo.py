@@ -133,14 +133,14 @@ def test_kill_and_resume_gives_the_same_run(tmp_path, exports):
     assert "resuming from" in resumed.stdout
     a = load_file(clean / "ppo" / "export" / "model.safetensors")
     b = load_file(killed / "ppo" / "export" / "model.safetensors")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name in a:  # see tests/test_sft.py: the last bits may differ between processes
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     rows_a, rows_b = rows_by_step(clean / "ppo" / "metrics.csv"), rows_by_step(killed / "ppo" / "metrics.csv")
     assert rows_a.keys() == rows_b.keys()
     for step, row in rows_a.items():
         for name, value in row.items():
             if not name.startswith("speed/"):
-                assert rows_b[step][name] == value, (step, name)
+                assert rows_b[step][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, name)
 
 
 @pytest.mark.parametrize("devices", [2])
