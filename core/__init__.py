@@ -30,7 +30,7 @@ from rlhfkit.interfaces import (
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import OptimizerSettings, Recipe, StageRef, TrainerSection, load_recipe
-from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, ref
+from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
 from rlhfkit.tokens import encode_pairs
 
 # torch and lightning load only when a plugin first asks for these names, so that
@@ -103,6 +103,7 @@ __all__ = [
     "hookimpl",
     "kl_estimate",
     "last_real_index",
+    "lazy",
     "load_plugins",
     "load_recipe",
     "log_now",

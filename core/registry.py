@@ -209,6 +209,24 @@ def ref(kind: str) -> type[ComponentRef]:
     return _REF_TYPES[kind]
 
 
+def lazy(target: str) -> Any:
+    """A ``ComponentSpec.factory`` that imports ``"package.module:Name"`` (``Name`` may be
+    dotted, e.g. ``Class.load``) only when the component is first built, so listing and
+    validating never import torch, and calls ``Name(config, context)``."""
+    module, _, name = target.partition(":")
+
+    def factory(config: Any, context: Any) -> Any:
+        import importlib
+
+        built: Any = importlib.import_module(module)
+        for part in name.split("."):
+            built = getattr(built, part)
+        return built(config, context)
+
+    factory.__qualname__ = f"lazy({target})"
+    return factory
+
+
 def walk(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """Every node of a config tree with its dotted path, parents first. A resolved
     :class:`ComponentRef` is followed into its validated config (checked after the ref

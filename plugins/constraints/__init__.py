@@ -17,12 +17,11 @@ Settings and registration here; the torch code is in ``components.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, StageContext, hookimpl, ref
+from rlhfkit import ComponentSpec, hookimpl, lazy, ref
 
 
 class AdaptiveKLSettings(BaseModel):
@@ -82,19 +81,11 @@ class ReferenceEMAConfig(BaseModel):
                                             "each optimizer step (TR-DPO: every 512 steps)")
 
 
-def _lazy(class_name: str) -> Callable[[BaseModel, Any], Any]:
-    def factory(config: BaseModel, context: StageContext) -> Any:
-        from rlhfkit.plugins.constraints import components
-
-        return getattr(components, class_name)(config, context)
-
-    return factory
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     def spec(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
-        return ComponentSpec(kind="constraint", name=name, config=config, factory=_lazy(class_name), doc=doc)
+        return ComponentSpec(kind="constraint", name=name, config=config, factory=lazy(f"rlhfkit.plugins.constraints.components:{class_name}"),
+                             doc=doc)
 
     return [
         spec("kl", KLConfig, "KLPenalty", "KL to the reference in the reward or the loss; fixed or adaptive beta"),

@@ -15,12 +15,11 @@ torch code is imported when a stage is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, hookimpl, lazy
 
 
 class OnlineSettings(BaseModel):
@@ -94,23 +93,14 @@ class ORPOConfig(BaseModel):
     lam: float = Field(0.1, ge=0, description="lambda, the weight of the odds-ratio term (paper: 0.1)")
 
 
-def _lazy(module: str, name: str) -> Callable[[BaseModel, Any], Any]:
-    def factory(config: BaseModel, context: StageContext) -> Any:
-        import importlib
-
-        cls = getattr(importlib.import_module(f"rlhfkit.plugins.dpo.{module}"), name)
-        return cls(config, context) if module == "module" else cls(config)
-
-    return factory
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     def objective(name: str, config: type[BaseModel], cls: str, doc: str) -> ComponentSpec:
-        return ComponentSpec(kind="objective", name=name, config=config, factory=_lazy("objectives", cls), doc=doc)
+        return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.dpo.objectives:{cls}"),
+                             doc=doc)
 
     return [
-        ComponentSpec(kind="algorithm", name="dpo", config=DPOConfig, factory=_lazy("module", "DirectPreference"),
+        ComponentSpec(kind="algorithm", name="dpo", config=DPOConfig, factory=lazy("rlhfkit.plugins.dpo.module:DirectPreference"),
                       slots=SLOTS, doc="direct preference optimisation on pairs (any objective of the DPO family)"),
         objective("dpo", BetaConfig, "DPO", "DPO: -log sigmoid(beta * delta)"),
         objective("cdpo", CDPOConfig, "ConservativeDPO", "conservative DPO (label smoothing)"),

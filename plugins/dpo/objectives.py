@@ -24,7 +24,7 @@ def _delta(batch: PreferenceBatch) -> torch.Tensor:
 class _WithReference:
     needs_reference = True
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.config = config
 
     def _term(self, per_pair: torch.Tensor) -> LossTerm:

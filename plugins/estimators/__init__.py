@@ -34,12 +34,11 @@ components in ``components.py``, imported when one is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, hookimpl
+from rlhfkit import ComponentSpec, hookimpl, lazy
 
 
 class ReinforceConfig(BaseModel):
@@ -72,21 +71,11 @@ class ReinforcePlusPlusConfig(BaseModel):
                             "token before the returns (a one-sample group subtracts 0)")
 
 
-def _lazy(class_name: str) -> Callable[[BaseModel, Any], Any]:
-    """A factory that imports the torch-using components module only when it builds."""
-
-    def build(config: BaseModel, context: Any) -> Any:
-        from rlhfkit.plugins.estimators import components
-
-        return getattr(components, class_name)(config)
-
-    return build
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     def estimator(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
-        return ComponentSpec(kind="estimator", name=name, config=config, factory=_lazy(class_name), doc=doc)
+        return ComponentSpec(kind="estimator", name=name, config=config, factory=lazy(f"rlhfkit.plugins.estimators.components:{class_name}"),
+                             doc=doc)
 
     return [
         estimator("reinforce", ReinforceConfig, "Reinforce",

@@ -50,7 +50,7 @@ class CriticFree:
 class Reinforce(CriticFree):
     """``A = R − b`` on every real token; ``b`` none or the batch mean of ``R``."""
 
-    def __init__(self, config: ReinforceConfig):
+    def __init__(self, config: ReinforceConfig, context: Any = None):
         self.config = config
 
     def estimate(self, rollout: Rollout) -> Advantages:
@@ -64,7 +64,7 @@ class Reinforce(CriticFree):
 class RLOO(CriticFree):
     """``A_i = R_i − mean_{j≠i} R_j`` over the samples of the same prompt."""
 
-    def __init__(self, config: RLOOConfig):
+    def __init__(self, config: RLOOConfig, context: Any = None):
         self.config = config
 
     def bind(self, algorithm: Any) -> None:
@@ -85,7 +85,7 @@ class RLOO(CriticFree):
 class GRPO(CriticFree):
     """``A_i = (R_i − mean_G) / (std_G + eps)`` (``scale: none``: ``R_i − mean_G``, Dr.GRPO)."""
 
-    def __init__(self, config: GRPOConfig):
+    def __init__(self, config: GRPOConfig, context: Any = None):
         self.config = config
 
     def estimate(self, rollout: Rollout) -> Advantages:
@@ -102,7 +102,7 @@ class ReMax(CriticFree):
     (local) rollout and stores ``b`` ``[B]`` in ``rollout.extras["greedy_score"]``, which
     is gathered and sliced with the rest of the rollout."""
 
-    def __init__(self, config: ReMaxConfig):
+    def __init__(self, config: ReMaxConfig, context: Any = None):
         self.config = config
         self.algorithm: Any = None
 
@@ -138,7 +138,7 @@ class ReinforcePlusPlus(CriticFree):
     """Reward-to-go of the token rewards whitened over the batch (REINFORCE++), with the
     group mean of ``R`` subtracted first under ``baseline: group-mean``."""
 
-    def __init__(self, config: ReinforcePlusPlusConfig):
+    def __init__(self, config: ReinforcePlusPlusConfig, context: Any = None):
         self.config = config
 
     def estimate(self, rollout: Rollout) -> Advantages:

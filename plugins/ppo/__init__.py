@@ -15,11 +15,11 @@ registration live here; the torch code is imported when a stage is built.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl, ref
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, hookimpl, lazy, ref
 
 Aggregation = Literal["token-mean", "sequence-mean", "token-sum-norm", "global-token-mean"]
 
@@ -117,31 +117,13 @@ SLOTS = {
 }
 
 
-def _build_ppo(config: PPOConfig, context: StageContext) -> Any:
-    from rlhfkit.plugins.ppo.module import PPO
-
-    return PPO(config, context)
-
-
-def _build_gae(config: GAEConfig, context: StageContext) -> Any:
-    from rlhfkit.plugins.ppo.critic import GAE
-
-    return GAE(config, context)
-
-
-def _build_clip(config: PPOClipConfig, context: StageContext) -> Any:
-    from rlhfkit.plugins.ppo.objective import PPOClip
-
-    return PPOClip(config)
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     return [
-        ComponentSpec(kind="algorithm", name="ppo", config=PPOConfig, factory=_build_ppo, slots=SLOTS,
+        ComponentSpec(kind="algorithm", name="ppo", config=PPOConfig, factory=lazy("rlhfkit.plugins.ppo.module:PPO"), slots=SLOTS,
                       doc="PPO: rollouts, reward, constraints, any estimator, clipped updates (InstructGPT step 3)"),
-        ComponentSpec(kind="estimator", name="gae", config=GAEConfig, factory=_build_gae,
+        ComponentSpec(kind="estimator", name="gae", config=GAEConfig, factory=lazy("rlhfkit.plugins.ppo.critic:GAE"),
                       doc="generalised advantage estimation with a critic (value head on its own backbone)"),
-        ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=_build_clip,
+        ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=lazy("rlhfkit.plugins.ppo.objective:PPOClip"),
                       doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)"),
     ]

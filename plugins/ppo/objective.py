@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rlhfkit import LossTerm, PolicyOutput, Rollout
 from rlhfkit.plugins.ppo import PPOClipConfig
 from rlhfkit.plugins.ppo.functional import policy_loss
@@ -11,7 +13,7 @@ class PPOClip:
     """``ρ = exp(logp − old)``, ``L = max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high))``
     (optionally dual-clipped), aggregated over tokens as configured."""
 
-    def __init__(self, config: PPOClipConfig):
+    def __init__(self, config: PPOClipConfig, context: Any = None):
         self.config = config
 
     def __call__(self, minibatch: Rollout, output: PolicyOutput) -> LossTerm:

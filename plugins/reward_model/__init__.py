@@ -11,11 +11,9 @@ docs/reward-model.md.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, StageRef, hookimpl
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageRef, hookimpl, lazy
 
 
 class RewardModelConfig(OptimizerSettings):
@@ -53,23 +51,11 @@ class RewardModelSourceConfig(BaseModel):
         return self
 
 
-def _build_algorithm(config: RewardModelConfig, context: StageContext) -> Any:
-    from rlhfkit.plugins.reward_model.module import RewardModelTraining
-
-    return RewardModelTraining(config, context)
-
-
-def _build_source(config: RewardModelSourceConfig, context: StageContext | None) -> Any:
-    from rlhfkit.plugins.reward_model.scoring import RewardModelSource
-
-    return RewardModelSource.load(config, context)
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     return [
-        ComponentSpec(kind="algorithm", name="reward-model", config=RewardModelConfig, factory=_build_algorithm,
+        ComponentSpec(kind="algorithm", name="reward-model", config=RewardModelConfig, factory=lazy("rlhfkit.plugins.reward_model.module:RewardModelTraining"),
                       slots=SLOTS, doc="train a scalar reward model on preferences or rankings (InstructGPT step 2)"),
-        ComponentSpec(kind="reward", name="reward-model", config=RewardModelSourceConfig, factory=_build_source,
+        ComponentSpec(kind="reward", name="reward-model", config=RewardModelSourceConfig, factory=lazy("rlhfkit.plugins.reward_model.scoring:RewardModelSource.load"),
                       doc="scores from a trained reward model (an exported directory or an earlier stage)"),
     ]

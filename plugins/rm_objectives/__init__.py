@@ -13,12 +13,9 @@ listing plugins stays free of torch. Formulas and conventions: docs/reward-objec
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, hookimpl
+from rlhfkit import ComponentSpec, hookimpl, lazy
 
 
 class PairwiseConfig(BaseModel):
@@ -57,21 +54,11 @@ class CenteringConfig(BaseModel):
     coef: float = Field(0.01, gt=0, description="c in c * mean((r_w + r_l)^2); Eisenstein et al. recommend 0.01")
 
 
-def _lazy(class_name: str) -> Callable[[BaseModel, Any], Any]:
-    """A factory that imports the torch-using components module only when it builds."""
-
-    def build(config: BaseModel, context: Any) -> Any:
-        from rlhfkit.plugins.rm_objectives import components
-
-        return getattr(components, class_name)(config)
-
-    return build
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     def objective(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
-        return ComponentSpec(kind="objective", name=name, config=config, factory=_lazy(class_name), doc=doc)
+        return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.rm_objectives.components:{class_name}"),
+                             doc=doc)
 
     return [
         objective("pairwise", PairwiseConfig, "Pairwise",

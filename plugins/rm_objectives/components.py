@@ -43,7 +43,7 @@ class Pairwise:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.log_eps = config.log_eps
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -56,7 +56,7 @@ class KWise:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         del config  # no settings
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -69,7 +69,7 @@ class BestOfN:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         del config  # no settings
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -82,7 +82,7 @@ class Ties:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.noise = config.noise
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -95,7 +95,7 @@ class Margin:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.scale = config.scale
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -114,7 +114,7 @@ class LMLoss:
 
     needs_lm = True
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.coef = config.coef
 
     def __call__(self, batch: RewardBatch) -> LossTerm:
@@ -133,7 +133,7 @@ class Centering:
 
     needs_lm = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, context: Any = None):
         self.coef = config.coef
 
     def __call__(self, batch: RewardBatch) -> LossTerm:

@@ -11,11 +11,9 @@ This module holds only the settings and the registration; the LightningModule li
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageContext, hookimpl
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, hookimpl, lazy
 
 
 class SFTConfig(OptimizerSettings):
@@ -35,15 +33,9 @@ SLOTS = {
 }
 
 
-def build(config: SFTConfig, context: StageContext) -> Any:
-    from rlhfkit.plugins.sft.module import SFT
-
-    return SFT(config, context)
-
-
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     return [ComponentSpec(
-        kind="algorithm", name="sft", config=SFTConfig, factory=build, slots=SLOTS,
+        kind="algorithm", name="sft", config=SFTConfig, factory=lazy("rlhfkit.plugins.sft.module:SFT"), slots=SLOTS,
         doc="supervised fine-tuning on demonstrations (or LM pretraining on text)",
     )]
