@@ -29,7 +29,7 @@ from rlhfkit.interfaces import (
     Task,
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
-from rlhfkit.recipe import OptimizerSettings, Recipe, StageRef, TrainerSection, load_recipe
+from rlhfkit.recipe import OptimizerSettings, Recipe, SamplingSettings, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
 from rlhfkit.tokens import encode_pairs
 
@@ -88,6 +88,7 @@ __all__ = [
     "Rollout",
     "Row",
     "RunningMoments",
+    "SamplingSettings",
     "Slot",
     "StageContext",
     "StageRef",

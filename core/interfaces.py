@@ -300,7 +300,7 @@ class PolicyOutput:
     logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
-    global_tokens: float = 1.0
+    global_tokens: float | torch.Tensor = 1.0
     max_tokens: int | None = None
 
 

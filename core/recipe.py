@@ -66,6 +66,17 @@ class OptimizerSettings(BaseModel):
                                                                 "(InstructGPT: 10 %)")
 
 
+class SamplingSettings(BaseModel):
+    """How a policy samples responses (PPO rollouts, online DPO); log-probs are taken on
+    ``logits / temperature`` with the same temperature."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="response length limit (tokens, EOS included)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use logits / temperature")
+    top_k: int = Field(0, ge=0, description="0 keeps every token")
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0 keeps every token")
+
+
 class TrainerSection(BaseModel):
     """How Lightning runs a stage, and the batch every algorithm optimises on.
 

@@ -178,15 +178,10 @@ class ReferenceEMA:
         self.calls = 0
 
     def bind(self, algorithm: Any) -> None:
-        if self._reference(algorithm) is None:
+        if algorithm.reference is None:
             raise UserError("constraint reference-ema needs a reference model of its own; with LoRA and no "
                             "`reference:` the reference is the adapter switched off. Set `reference:` explicitly.")
         self.algorithm = algorithm
-
-    @staticmethod
-    def _reference(algorithm: Any) -> torch.nn.Module | None:
-        reference = algorithm.reference
-        return reference if isinstance(reference, torch.nn.Module) or reference is None else reference.model
 
     @torch.no_grad()
     def after_update(self, rollout: Rollout | None) -> dict[str, float] | None:
@@ -196,7 +191,7 @@ class ReferenceEMA:
         policy = self.algorithm.policy.plain_model() if hasattr(self.algorithm.model, "merge_and_unload") \
             else self.algorithm.model
         drift = 0.0
-        for ref_param, param in zip(self._reference(self.algorithm).parameters(), policy.parameters(), strict=True):
+        for ref_param, param in zip(self.algorithm.reference.parameters(), policy.parameters(), strict=True):
             ref_param.lerp_(param.detach().to(ref_param.dtype), self.rate)
             drift += float((param - ref_param).pow(2).sum())
         return {"reference_ema/distance": drift ** 0.5}

@@ -19,15 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, hookimpl, lazy
-
-
-class OnlineSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(32, ge=1, description="length limit of the sampled responses")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_k: int = Field(0, ge=0, description="0 keeps every token")
-    top_p: float = Field(1.0, gt=0, le=1, description="1.0 keeps every token")
+from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy
 
 
 class DPOConfig(OptimizerSettings):
@@ -42,7 +34,7 @@ class DPOConfig(OptimizerSettings):
     eval_prompts: int = Field(128, ge=1, description="held-out prompts answered greedily and scored with `gold`")
     max_new_tokens: int = Field(32, ge=1, description="length limit of those answers")
     sample_prompts: int = Field(4, ge=0, description="fixed prompts whose answers are saved before and after")
-    online: OnlineSettings | None = Field(
+    online: SamplingSettings | None = Field(
         None, description="online (iterative) DPO: each step samples two responses per prompt of `data` from the "
                           "current policy, labels them with `reward` and trains on the pairs; null: offline pairs")
 

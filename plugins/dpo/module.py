@@ -67,7 +67,7 @@ class DirectPreference(L.LightningModule):
         if self.needs_reference and not self.adapter_reference:
             ref_model = reference.plain_model() if reference is not None else copy.deepcopy(self.policy.plain_model())
             ref_model.requires_grad_(False).eval()
-        self.reference = _Holder(ref_model)
+        self._frozen = _Holder(ref_model)
         self.constraints = context.component("constraints") or []
         if self.constraints:
             if config.reference_logps == "precompute":
@@ -102,6 +102,12 @@ class DirectPreference(L.LightningModule):
         self.precomputed_eval: torch.Tensor | None = None
         self.history: dict[str, Any] = {}
         self._last_time = time.perf_counter()
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The reference model (``None`` when it is the LoRA adapter switched off, or freed
+        after precomputing)."""
+        return self._frozen.model
 
     # ------------------------------------------------------------------ data
     def _encode(self, rows: list[Preference]) -> dict[str, torch.Tensor]:
@@ -164,11 +170,11 @@ class DirectPreference(L.LightningModule):
         if self.adapter_reference:
             with self.model.disable_adapter():
                 return self._sequence_logps(self.model, batch)[0]
-        self.reference.model.eval()  # no dropout in the reference, whatever mode Lightning set
-        return self._sequence_logps(self.reference.model, batch)[0]
+        self.reference.eval()  # no dropout in the reference, whatever mode Lightning set
+        return self._sequence_logps(self.reference, batch)[0]
 
     @torch.no_grad()
-    def _mismatched(self, chunk: dict[str, torch.Tensor], rows: list[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mismatched(self, rows: list[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference log-probs of prompt i with pair i+1's chosen response."""
         shifted = [Preference(r.prompt, rows[(i + 1) % len(rows)].chosen, "") for i, r in enumerate(rows)]
         encoded = encode_pairs(self.policy.tokenizer, [r.prompt for r in shifted], [r.chosen for r in shifted],
@@ -182,7 +188,7 @@ class DirectPreference(L.LightningModule):
         batch = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
         if self.needs_mismatched:
             rows = [self.rows[i] for i in chunk["index"].tolist()]
-            batch.mismatched, batch.ref_mismatched = self._mismatched(chunk, rows)
+            batch.mismatched, batch.ref_mismatched = self._mismatched(rows)
         if self.needs_reference:
             if self.precomputed is not None:
                 ref = self.precomputed[chunk["index"].cpu()].to(self.device)
@@ -279,7 +285,7 @@ class DirectPreference(L.LightningModule):
         if self.precomputed is None:
             self.precomputed = self._reference_table(self.rows)
             self.precomputed_eval = self._reference_table(self.eval_rows)
-        self.reference.model = None
+        self._frozen.model = None
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -332,8 +338,8 @@ class DirectPreference(L.LightningModule):
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
     def on_train_start(self) -> None:
-        if self.reference.model is not None:
-            self.reference.model.to(self.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
         mover = getattr(self.reward, "to", None)
         if mover is not None:
             mover(self.device)

@@ -19,17 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, hookimpl, lazy, ref
+from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy, ref
 
 Aggregation = Literal["token-mean", "sequence-mean", "token-sum-norm", "global-token-mean"]
-
-
-class SamplingSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(32, ge=1, description="response length limit (tokens, EOS included)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use logits / temperature")
-    top_k: int = Field(0, ge=0, description="0 keeps every token")
-    top_p: float = Field(1.0, gt=0, le=1, description="1.0 keeps every token")
 
 
 class AdvantageSettings(BaseModel):

@@ -57,6 +57,7 @@ class GAE:
     def __init__(self, config: GAEConfig, context: StageContext):
         self.config = config
         self.optimizer = config.optimizer
+        self.warmup_iterations = config.warmup_iterations
         self.critic: ValueModel | None = None
         self._backbone = context.build(config.critic) if config.critic is not None else None
         self._source: Path | None = None

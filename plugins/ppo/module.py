@@ -81,6 +81,7 @@ class PPO(L.LightningModule):
             if hasattr(part, "bind"):
                 part.bind(self)
         self.critic = self.estimator.critic  # a submodule: trained, checkpointed, moved with the module
+        self.critic_warmup = getattr(self.estimator, "warmup_iterations", 0)  # critic-only first iterations
         self.entropy_grad = any(getattr(c, "needs_entropy", False) for c in self.constraints)
         self.experience: Rollout | None = None
         self.skip_iteration = False
@@ -308,19 +309,16 @@ class PPO(L.LightningModule):
         self._warned.add(kind)
 
     # ------------------------------------------------------------------ update
-    def _minibatch(self, iteration: int, update: int, whole: bool = False) -> torch.Tensor:
-        """This rank's slice of the global minibatch ``update`` of an iteration (or the
-        whole global minibatch)."""
+    def _minibatch(self, iteration: int, update: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the global minibatch ``update`` of an iteration, and this rank's slice."""
         n = len(self.experience)
         per_epoch = n // self.section.batch_size
         epoch, index = divmod(update, per_epoch)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration * 1009 + epoch)
         order = torch.randperm(n, generator=generator)
         batch = order[index * self.section.batch_size:(index + 1) * self.section.batch_size]
-        if whole:
-            return batch
         share = self.section.batch_size // self.trainer.world_size
-        return batch[self.global_rank * share:(self.global_rank + 1) * share]
+        return batch, batch[self.global_rank * share:(self.global_rank + 1) * share]
 
     def training_step(self, step: int, batch_idx: int) -> None:
         self._eval_mode()
@@ -329,8 +327,8 @@ class PPO(L.LightningModule):
             self.experience = self._make_experience(iteration)
             log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
         started = time.perf_counter()
-        whole = self._minibatch(iteration, update, whole=True)
-        minibatch = self.experience.select(self._minibatch(iteration, update))
+        whole, mine = self._minibatch(iteration, update)
+        minibatch = self.experience.select(mine)
         if self.config.advantages.whiten == "minibatch":  # over the global minibatch (every rank has it)
             mask = self.experience.response_mask[whole].float()
             mean = masked_mean(self.experience.advantages[whole], mask)
@@ -340,25 +338,24 @@ class PPO(L.LightningModule):
             if self.config.advantages.clip is not None:
                 minibatch.advantages = minibatch.advantages.clamp(-self.config.advantages.clip,
                                                                   self.config.advantages.clip)
-        critic_only = iteration < getattr(getattr(self.estimator, "config", None), "warmup_iterations", 0)
+        critic_only = iteration < self.critic_warmup
         sums: dict[str, torch.Tensor] = {}
-        global_tokens = float(self.experience.response_mask[whole].sum())
         pieces = [minibatch.select(torch.arange(i, min(i + self.section.micro_batch_size, len(minibatch))))
                   for i in range(0, len(minibatch), self.section.micro_batch_size)]
         share = self.section.batch_size // self.trainer.world_size
-        bad = False
-        global_tokens /= self.trainer.world_size * len(pieces)
+        # a 0-dim tensor: no host sync (only a global-token-mean loss divides by it)
+        global_tokens = self.experience.response_mask[whole].sum() / (self.trainer.world_size * len(pieces))
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, piece in enumerate(pieces):
             with gradient_sync(self, last=i == len(pieces) - 1):
                 terms = self._loss_terms(piece, critic_only, global_tokens)
                 loss = sum(t.loss for t in terms)
-                if self._any_rank(not bool(torch.isfinite(loss))):  # every rank stops together
-                    bad = True
-                    break
+                nonfinite |= ~torch.isfinite(loss)  # checked once per step, below (one host sync)
                 self.manual_backward(loss * len(piece) / share)
             for term in terms:
                 for name, value in term.metrics.items():
                     sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach() * len(piece)
+        bad = self._any_rank(bool(nonfinite))  # every rank skips or stops together
         if bad or self.skip_iteration:
             self._nonfinite(bad)
         elif critic_only:  # the policy's parameters get no gradient: AdamW leaves them (and their state) alone
@@ -366,7 +363,7 @@ class PPO(L.LightningModule):
                 parameter.grad = None
         grad_norm = optimizer_step(self, self.section.gradient_clip)
         self._clock["train"] += time.perf_counter() - started
-        self._clock["train_tokens"] += int(minibatch.response_mask.sum()) * self.trainer.world_size
+        self._clock["train_tokens"] += minibatch.response_mask.sum() * self.trainer.world_size  # no host sync
         last = update == self.updates - 1
         self._log(sums, len(minibatch), grad_norm)
         if last and not self.skip_iteration:
@@ -380,7 +377,7 @@ class PPO(L.LightningModule):
             self.experience = None  # the next step samples a new rollout
             self._maybe_evaluate()
 
-    def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: float) -> list[LossTerm]:
+    def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: torch.Tensor) -> list[LossTerm]:
         terms = []
         logprobs, entropy = policy_forward(self.model, piece, self.config.sampling.temperature, self.entropy_grad)
         output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens,
@@ -394,9 +391,8 @@ class PPO(L.LightningModule):
         if critic_only:  # keep the graph (DDP expects every parameter) but train only the critic
             policy_terms = [LossTerm(sum(t.loss for t in policy_terms) * 0.0,
                                      {k: v for t in policy_terms for k, v in t.metrics.items()})]
+        policy_terms[0].metrics["policy/entropy"] = masked_mean(entropy.detach(), output.mask)
         terms += policy_terms
-        terms.append(LossTerm(torch.zeros((), device=self.device),
-                              {"policy/entropy": masked_mean(entropy.detach(), output.mask)}))
         if self.critic is not None:
             terms.append(self.estimator.critic_loss(piece))
         return terms
