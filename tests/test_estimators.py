@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import RECIPES, TINY_SFT, cli, read_metrics
+from helpers import cli, read_metrics
 
 import rlhfkit
 from rlhfkit.plugins.estimators.functional import (
@@ -340,18 +339,6 @@ stages:
     data: {{name: builtin, task: reviews, split: prompts}}
     trainer: {{batch_size: 16, micro_batch_size: 8, max_steps: 4, log_every_n_steps: 1}}
 """
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SFT model and a reward model trained from it (about 10 s)."""
-    root = tmp_path_factory.mktemp("sft-rm")
-    result = cli("run", str(RECIPES / "reward-model.yaml"), *TINY_SFT, f"run.dir={root}",
-                 "stages.sft.trainer.max_steps=30", "stages.rm.trainer.max_steps=10",
-                 "stages.rm.trainer.batch_size=16", "stages.rm.trainer.micro_batch_size=16",
-                 "stages.rm.eval_data.limit=32", "stages.rm.reference_data.limit=32", cwd=root)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return {"sft": root / "sft" / "export", "rm": root / "rm" / "export"}
 
 
 def test_grpo_runs_in_the_ppo_algorithm_without_a_critic(tmp_path, exports):

@@ -1,8 +1,8 @@
 """PPO end to end on tiny models: every constraint at once, kill -9 and exact resume,
 DDP with two CPU processes against one, NaN guardrails and batch-size errors.
 
-A module fixture trains a tiny SFT model and reward model once; each test runs a PPO
-stage on their exports from a recipe it writes."""
+The session fixture ``exports`` (conftest.py) trains a tiny SFT model and reward model
+once; each test runs a PPO stage on their exports from a recipe it writes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RECIPES, TINY_SFT, cli, popen, read_metrics
+from helpers import cli, popen, read_metrics
 from safetensors.torch import load_file
 
 PPO_RECIPE = """\
@@ -53,18 +53,6 @@ ALL_CONSTRAINTS = """
       - {name: ptx, coef: 0.1, batch_size: 4, data: {name: builtin, task: reviews, split: pretrain}}
       - {name: reference-ema, rate: 0.01}"""
 KL_ONLY = "[{name: kl, coef: 0.05}]"
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SFT model and a reward model trained from it (about 10 s)."""
-    root = tmp_path_factory.mktemp("sft-rm")
-    result = cli("run", str(RECIPES / "reward-model.yaml"), *TINY_SFT, f"run.dir={root}",
-                 "stages.sft.trainer.max_steps=30", "stages.rm.trainer.max_steps=10",
-                 "stages.rm.trainer.batch_size=16", "stages.rm.trainer.micro_batch_size=16",
-                 "stages.rm.eval_data.limit=32", "stages.rm.reference_data.limit=32", cwd=root)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return {"sft": root / "sft" / "export", "rm": root / "rm" / "export"}
 
 
 def write_recipe(directory: Path, exports: dict[str, Path], constraints: str = ALL_CONSTRAINTS) -> str:
@@ -211,20 +199,13 @@ def test_variants_run_end_to_end(tmp_path, exports):
     assert all(abs(rows[s]["train/policy/approx_kl"]) < 1e-6 for s in range(1, 5))
 
 
-def test_guardrails_warn_once_with_a_pointer_to_the_docs():
-    from types import SimpleNamespace
+def test_guardrails_warn_with_a_pointer_to_the_docs():
+    from rlhfkit.plugins.ppo.monitor import guardrail_warnings
 
-    from rlhfkit.plugins.ppo.module import PPO
-
-    warnings: list[tuple[str, str]] = []
-    fake = SimpleNamespace(_warn=lambda kind, message: warnings.append((kind, message)))
     responses = ["", "", "good good good good good good good good", "a"]
-    rollout = SimpleNamespace(responses=responses)
-    PPO._guardrails(fake, rollout, {"kl/ref": -0.5}, torch.tensor([1.0, 1.0, 8.0, 1.0]))
+    warnings = guardrail_warnings(responses, -0.5, torch.tensor([1.0, 1.0, 8.0, 1.0]))
     kinds = [kind for kind, _ in warnings]
     assert kinds == ["negative-kl", "collapse-empty"]
     assert all("docs/ppo-details.md#" in message for _, message in warnings)
-    warnings.clear()
-    PPO._guardrails(fake, SimpleNamespace(responses=["x y " * 6] * 3 + ["fine answer here"]), {"kl/ref": 0.1},
-                    torch.tensor([12.0, 12.0, 12.0, 3.0]))
+    warnings = guardrail_warnings(["x y " * 6] * 3 + ["fine answer here"], 0.1, torch.tensor([12.0, 12.0, 12.0, 3.0]))
     assert [kind for kind, _ in warnings] == ["collapse-repeat"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,10 @@ from rlhfkit import (
     masked_whiten,
     optimizer_step,
 )
-from rlhfkit.plugins.ppo import PPOConfig
+from rlhfkit.plugins.ppo import PPOConfig, schedule
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards, sequence_kl
+from rlhfkit.plugins.ppo.monitor import DOCS, guardrail_warnings, rollout_metrics
 from rlhfkit.plugins.ppo.rollout import concat, from_state, gather, policy_forward, to_state
-
-DOCS = "docs/ppo-details.md"
 
 
 def prompt_of(row: Any) -> str:
@@ -76,7 +73,8 @@ class PPO(L.LightningModule):
         self.prompts = [prompt_of(r) for r in context.component("data").rows()]
         eval_data = context.component("eval_data")
         self.eval_prompts = [prompt_of(r) for r in eval_data.rows()][: config.eval_prompts] if eval_data else []
-        self._check_sizes()
+        self.updates, self.iterations = schedule.plan(config, self.section, len(self.prompts))
+        self.total_steps = self.iterations * self.updates
         for part in [self.estimator, *self.constraints]:
             if hasattr(part, "bind"):
                 part.bind(self)
@@ -91,33 +89,6 @@ class PPO(L.LightningModule):
         self._clock = {"rollout": 0.0, "train": 0.0, "rollout_tokens": 0, "train_tokens": 0}
 
     # ------------------------------------------------------------------ sizes
-    def _check_sizes(self) -> None:
-        c, s = self.config, self.section
-        rollouts = c.prompts_per_iteration * c.samples_per_prompt
-        problems = []
-        if c.prompts_per_iteration % s.world_size:
-            problems.append(f"algorithm.prompts_per_iteration {c.prompts_per_iteration} is not a multiple of the "
-                            f"{s.world_size} devices")
-        if rollouts % s.batch_size:
-            problems.append(f"the {rollouts} responses of an iteration (prompts_per_iteration x samples_per_prompt) "
-                            f"do not split into minibatches of trainer.batch_size {s.batch_size}; pick a "
-                            f"batch_size that divides {rollouts}")
-        if problems:
-            raise UserError("; ".join(problems))
-        self.updates = c.epochs * rollouts // s.batch_size
-        if c.iterations is not None:
-            self.iterations = c.iterations
-        elif s.max_steps is not None:
-            if s.max_steps % self.updates:
-                raise UserError(f"trainer.max_steps {s.max_steps} counts optimizer steps, and an iteration is "
-                                f"{self.updates} of them (epochs x responses / batch_size); use a multiple of "
-                                f"{self.updates} or set algorithm.iterations")
-            self.iterations = s.max_steps // self.updates
-        else:
-            epochs = s.max_epochs if s.max_epochs is not None else 1.0
-            self.iterations = max(1, math.ceil(epochs * len(self.prompts) / c.prompts_per_iteration))
-        self.total_steps = self.iterations * self.updates
-
     def explain(self) -> str:
         c, s = self.config, self.section
         return (f"{self.iterations} iterations x {self.updates} updates: {c.prompts_per_iteration} prompts x "
@@ -132,20 +103,6 @@ class PPO(L.LightningModule):
                 return iter(range(module.global_step, module.total_steps))
 
         return torch.utils.data.DataLoader(Steps(), batch_size=None)
-
-    def _iteration_prompts(self, iteration: int) -> list[int]:
-        """Global prompt indices of an iteration: passes over a seeded permutation."""
-        n, k = len(self.prompts), self.config.prompts_per_iteration
-        out: list[int] = []
-        position = iteration * k
-        while len(out) < k:
-            epoch, offset = divmod(position, n)
-            order = list(range(n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            take = order[offset: offset + k - len(out)]
-            out += take
-            position += len(take)
-        return out
 
     def configure_optimizers(self) -> Any:
         groups = [(self.model.parameters(), self.config)]
@@ -201,7 +158,7 @@ class PPO(L.LightningModule):
         c = self.config
         started = time.perf_counter()
         rank, world = self.global_rank, self.trainer.world_size
-        chosen = self._iteration_prompts(iteration)
+        chosen = schedule.iteration_prompts(len(self.prompts), c.prompts_per_iteration, self.seed, iteration)
         share = len(chosen) // world
         local = chosen[rank * share:(rank + 1) * share]
         chunks = []
@@ -268,40 +225,11 @@ class PPO(L.LightningModule):
             advantages = advantages.clamp(-self.config.advantages.clip, self.config.advantages.clip)
         rollout.advantages, rollout.returns = advantages * mask, result.returns
         metrics.update(result.metrics)
-        metrics.update(self._rollout_metrics(rollout, raw, mask))
+        metrics.update(rollout_metrics(rollout, raw, self.gold))
+        for kind, message in guardrail_warnings(rollout.responses, metrics["kl/ref"], mask.sum(1)):
+            self._warn(kind, message)
         self._rollout_log = metrics
         return rollout
-
-    def _rollout_metrics(self, rollout: Rollout, raw: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-        lengths = mask.sum(1)
-        kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, mask)
-        m = {"reward/score": float(raw.mean()), "reward/shaped_score": float(rollout.scores.mean()),
-             "reward/token_sum": float((rollout.rewards * mask).sum(1).mean()),
-             "kl/ref": float(kl.mean()), "response/length": float(lengths.mean()),
-             "response/eos_rate": 1.0 - float(rollout.truncated.float().mean()),
-             "response/perplexity": math.exp(-float(masked_mean(rollout.logprobs, mask))),
-             "advantage/mean": float(masked_mean(rollout.advantages, mask)),
-             "advantage/std": float(masked_var(rollout.advantages, mask).sqrt())}
-        if rollout.returns is not None:
-            m["return/mean"] = float(masked_mean(rollout.returns, mask))
-        if self.gold is not None:
-            m["gold/score"] = float(self.gold.score(rollout.prompts, rollout.responses).mean())
-        self._guardrails(rollout, m, lengths)
-        return m
-
-    def _guardrails(self, rollout: Rollout, m: dict[str, float], lengths: torch.Tensor) -> None:
-        if m["kl/ref"] < -0.01:
-            self._warn("negative-kl", f"the estimated KL to the reference is negative ({m['kl/ref']:.3f}): the "
-                                      f"sampling and scoring distributions differ (temperature, top-k/top-p). See "
-                                      f"{DOCS}#negative-kl.")
-        if float((lengths <= 1).float().mean()) > 0.5:
-            self._warn("collapse-empty", f"over half the responses are empty or EOS only: the policy collapsed. "
-                                         f"See {DOCS}#collapse.")
-        words = [r.split() for r in rollout.responses]
-        repetitive = [len(set(w)) / len(w) < 0.3 for w in words if len(w) >= 8]
-        if repetitive and sum(repetitive) / len(words) > 0.5:
-            self._warn("collapse-repeat", f"over half the responses repeat a few words: the policy collapsed "
-                                          f"(reward hacking?). See {DOCS}#collapse.")
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned and self.trainer.is_global_zero:
@@ -309,17 +237,6 @@ class PPO(L.LightningModule):
         self._warned.add(kind)
 
     # ------------------------------------------------------------------ update
-    def _minibatch(self, iteration: int, update: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the global minibatch ``update`` of an iteration, and this rank's slice."""
-        n = len(self.experience)
-        per_epoch = n // self.section.batch_size
-        epoch, index = divmod(update, per_epoch)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration * 1009 + epoch)
-        order = torch.randperm(n, generator=generator)
-        batch = order[index * self.section.batch_size:(index + 1) * self.section.batch_size]
-        share = self.section.batch_size // self.trainer.world_size
-        return batch, batch[self.global_rank * share:(self.global_rank + 1) * share]
-
     def training_step(self, step: int, batch_idx: int) -> None:
         self._eval_mode()
         iteration, update = divmod(self.global_step, self.updates)
@@ -327,14 +244,15 @@ class PPO(L.LightningModule):
             self.experience = self._make_experience(iteration)
             log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
         started = time.perf_counter()
-        whole, mine = self._minibatch(iteration, update)
+        whole, mine = schedule.minibatch(len(self.experience), self.section.batch_size, self.seed, iteration, update,
+                                self.global_rank, self.trainer.world_size)
         minibatch = self.experience.select(mine)
         if self.config.advantages.whiten == "minibatch":  # over the global minibatch (every rank has it)
             mask = self.experience.response_mask[whole].float()
             mean = masked_mean(self.experience.advantages[whole], mask)
             std = masked_var(self.experience.advantages[whole], mask).add(1e-8).rsqrt()
-            mine = minibatch.response_mask.float()
-            minibatch.advantages = (minibatch.advantages - mean) * std * mine
+            own = minibatch.response_mask.float()
+            minibatch.advantages = (minibatch.advantages - mean) * std * own
             if self.config.advantages.clip is not None:
                 minibatch.advantages = minibatch.advantages.clamp(-self.config.advantages.clip,
                                                                   self.config.advantages.clip)
