@@ -89,7 +89,7 @@ class DirectPreference(L.LightningModule):
             if config.reference_logps == "precompute":
                 raise UserError("online DPO samples new pairs every step, so reference log-probs cannot be "
                                 "precomputed; set algorithm.reference_logps: on-the-fly")
-            self.rows = [self._prompt_row(r) for r in context.component("data").rows()]
+            self.rows: list[Any] = [self._prompt_of(r) for r in context.component("data").rows()]  # prompts
         else:
             self.rows = _pairs(context.component("data").rows(), "data")
         eval_data = context.component("eval_data")
@@ -118,16 +118,16 @@ class DirectPreference(L.LightningModule):
         return {name: torch.tensor(values) for name, values in encoded.items()}
 
     @staticmethod
-    def _prompt_row(row: Any) -> Preference:
+    def _prompt_of(row: Any) -> str:
         prompt = getattr(row, "prompt", None)
         if prompt is None:
             raise UserError(f"online DPO samples from prompts; a {type(row).__name__} row has none. Point `data:` "
                             f"at prompt rows (e.g. the built-in tasks' `prompts` split).")
-        return Preference(prompt, "", "")
+        return prompt
 
-    def _collate(self, items: list[tuple[int, Preference]]) -> dict[str, Any]:
+    def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
         if self.config.online is not None:  # pairs are sampled in the step, on the device
-            return {"index": torch.tensor([i for i, _ in items]), "prompts": [row.prompt for _, row in items]}
+            return {"index": torch.tensor([i for i, _ in items]), "prompts": [prompt for _, prompt in items]}
         return self._encode([row for _, row in items]) | {"index": torch.tensor([i for i, _ in items])}
 
     @torch.no_grad()

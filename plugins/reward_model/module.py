@@ -129,7 +129,7 @@ class RewardModelTraining(L.LightningModule):
         world = self.trainer.world_size
         chunks = micro_batches(batch, self.section.micro_batch_size)
         loss_sum = torch.zeros((), device=self.device)
-        metric_sums: dict[str, float] = {}
+        metric_sums: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(chunks):
             n = chunk["ranks"].shape[0]
             with gradient_sync(self, last=i == len(chunks) - 1):
@@ -137,7 +137,7 @@ class RewardModelTraining(L.LightningModule):
                 self.manual_backward(loss * n / self.section.batch_size * world)
             loss_sum += loss.detach() * n
             for name, value in metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * n
+                metric_sums[name] = metric_sums.get(name, 0.0) + torch.as_tensor(value).detach() * n  # no host sync
         # 2. clip, step, schedule
         grad_norm = optimizer_step(self, self.section.gradient_clip)
         # 3. metrics on logging steps (this rank's rows; the loss is reduced over ranks)

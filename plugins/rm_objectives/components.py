@@ -124,7 +124,7 @@ class LMLoss:
                 "regularizer 'lm-loss' needs RewardBatch.best_nll (the LM loss of each prompt's best "
                 "completion), but it is None: the algorithm must compute it for objectives with "
                 "`needs_lm = True`. Remove lm-loss or use an algorithm that supports it (reward-model).")
-        nll = batch.best_nll.detach().float().mean().item()
+        nll = batch.best_nll.detach().float().mean()
         return LossTerm(losses.lm_loss(batch.best_nll, self.coef), {"rm/lm_nll": nll})
 
 
@@ -139,4 +139,4 @@ class Centering:
     def __call__(self, batch: RewardBatch) -> LossTerm:
         check_batch(batch, "centering")
         penalty = losses.centering_penalty(batch.scores, batch.valid)
-        return LossTerm(self.coef * penalty, {"rm/center": penalty.detach().item()})
+        return LossTerm(self.coef * penalty, {"rm/center": penalty.detach()})

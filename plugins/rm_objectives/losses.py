@@ -34,21 +34,20 @@ def score_gaps(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return clean[:, :, None] - clean[:, None, :]
 
 
-def ranking_metrics(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+def ranking_metrics(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
     """Accuracy and mean gap over every strict pair (ties and padding excluded).
 
     ``rm/accuracy`` is the fraction of strict pairs with ``r_better > r_worse`` (equal
     scores count as wrong); ``rm/margin_mean`` the mean of ``r_better − r_worse``;
-    ``rm/pairs`` how many strict pairs there were. Both are 0 when there are none.
+    ``rm/pairs`` how many strict pairs there were. Both are 0 when there are none. Values
+    are detached 0-dim tensors: computing them never waits for the device.
     """
     with torch.no_grad():
-        pairs = strict_pairs(ranks, valid)
-        gaps = score_gaps(scores, valid)[pairs]
-        count = gaps.numel()
-        if count == 0:
-            return {"rm/accuracy": 0.0, "rm/margin_mean": 0.0, "rm/pairs": 0.0}
-        return {"rm/accuracy": (gaps > 0).float().mean().item(),
-                "rm/margin_mean": gaps.mean().item(), "rm/pairs": float(count)}
+        pairs = strict_pairs(ranks, valid).float()
+        gaps = score_gaps(scores, valid)
+        count = pairs.sum()
+        return {"rm/accuracy": ((gaps > 0).float() * pairs).sum() / count.clamp(min=1),
+                "rm/margin_mean": (gaps * pairs).sum() / count.clamp(min=1), "rm/pairs": count}
 
 
 def _mean_over(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
