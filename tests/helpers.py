@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
-# A small, fast SFT configuration of the quickstart recipe for tests.
+# A small, fast SFT configuration of recipes/sft.yaml for tests.
 TINY_SFT = [
     "stages.sft.policy.architecture.layers=1",
     "stages.sft.policy.architecture.hidden=32",

@@ -281,7 +281,7 @@ def test_exception_in_check_recipe_names_the_plugin(tmp_path):
 
     loaded = rlhfkit.load_plugins(extra=[("checker", plugin(rlhfkit_check_recipe=explode))])
     with pytest.raises(rlhfkit.PluginError, match="plugin 'checker'.*rlhfkit_check_recipe.*boom"):
-        loaded.load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+        loaded.load_recipe(Path(__file__).parents[1] / "recipes" / "sft.yaml")
 
 
 # ------------------------------------------- the example's components, from source

@@ -13,7 +13,7 @@ import torch
 from helpers import RECIPES, TINY_SFT, cli, column, popen, read_metrics
 from safetensors.torch import load_file
 
-QUICKSTART = str(RECIPES / "quickstart.yaml")
+QUICKSTART = str(RECIPES / "sft.yaml")
 
 
 def run_dir_of(tmp_path, name):
