@@ -341,6 +341,12 @@ class Algorithm(Protocol):
 
     The core builds the Trainer from the recipe's ``trainer:`` section, calls
     ``trainer.fit(algorithm)`` and then, on rank 0, ``export`` and ``summary``.
+
+    A stage that trains nothing (an evaluation) is not a LightningModule: it sets the class
+    attribute ``evaluation_only = True`` and has ``run()``, which the core calls instead
+    of ``trainer.fit``. Any stage may write ``report.json`` (``{"tables": [{"title",
+    "columns", "rows", "caption"}]}``) into its directory; the core prints those tables at
+    the end of every run, also when the stage was already finished.
     """
 
     def export(self, directory: Path) -> None: ...

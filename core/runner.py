@@ -7,6 +7,7 @@ Run directory layout::
     runs/<name>/<stage>/export/        the model in transformers format (safetensors)
     runs/<name>/<stage>/metrics.csv    one row per logged step
     runs/<name>/<stage>/summary.json   final metrics
+    runs/<name>/<stage>/report.json    tables printed at the end of a run (optional)
     runs/<name>/<stage>/DONE.json      written last: the stage is finished
 
 A finished stage is skipped on re-run; an interrupted one resumes from its checkpoint.
@@ -42,6 +43,7 @@ from rlhfkit.training import (
 )
 
 DONE_NAME = "DONE.json"
+REPORT_NAME = "report.json"
 STATE_NAME = "stage.json"
 # Settings that may change between an interrupted run and its resume.
 _RESUMABLE_CHANGES = ("accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
@@ -104,6 +106,8 @@ def run_recipe(recipe: Recipe, plugins: Plugins, console: Console | None = None)
         exports[stage.name] = stage_dir / "export"
     if main:
         print_summary(summaries, console)
+        for stage in recipe.stages:
+            print_report(run_dir / stage.name / REPORT_NAME, console)
     return summaries
 
 
@@ -127,6 +131,8 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
                            seed=recipe.run.seed, exports=dict(exports), slots=stage.slots,
                            trainer=stage.trainer)
     module = plugins.registry.build(stage.algorithm, context)
+    if getattr(module, "evaluation_only", False):
+        return run_evaluation(module, stage, stage_dir, fingerprint, console, hook)
     logger = MetricsCSV(stage_dir / "metrics.csv",
                         on_row=lambda step, m: hook.rlhfkit_on_metrics(stage=stage.name, step=step, metrics=m))
     saver = ResumableCheckpoint(
@@ -156,6 +162,24 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     return summary
 
 
+def run_evaluation(module: Any, stage: Stage, stage_dir: Path, fingerprint: str, console: Console,
+                   hook: Any) -> dict[str, Any]:
+    """A stage that trains nothing (``evaluation_only``): ``run()``, then on rank 0
+    ``export`` and ``summary``. Every rank measures the same thing; only rank 0 writes."""
+    main = process_rank() == 0
+    if main:
+        console.print(f"[bold]stage {stage.name}[/] ({stage.algorithm.name}): evaluating")
+    started = time.perf_counter()
+    module.run()
+    summary = {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    if main:
+        module.export(stage_dir / "export")
+        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary}))
+        hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
+    return summary
+
+
 def _check_same(stage: Stage, stage_dir: Path, saved: str | None, current: str, state: str) -> None:
     if saved is not None and saved != current:
         raise UserError(
@@ -171,7 +195,24 @@ def print_summary(summaries: dict[str, dict[str, Any]], console: Console) -> Non
     table.add_column("metric")
     table.add_column("value", justify="right")
     for stage, summary in summaries.items():
-        numbers = {k: v for k, v in summary.items() if isinstance(v, float | int) and not isinstance(v, bool)}
+        # task breakdowns (keys with a "/") stay in summary.json; reports print their own tables
+        numbers = {k: v for k, v in summary.items()
+                   if isinstance(v, float | int) and not isinstance(v, bool) and "/" not in k}
         for i, (key, value) in enumerate(numbers.items()):
             table.add_row(stage if i == 0 else "", key, f"{value:.4g}", end_section=i == len(numbers) - 1)
     console.print(table)
+
+
+def print_report(path: Path, console: Console) -> None:
+    """Print the tables a stage wrote to ``report.json``: ``{"tables": [{"title",
+    "columns", "rows", "caption", "sections"}]}`` (``sections``: a rule every N rows)."""
+    if not path.is_file():
+        return
+    for spec in json.loads(path.read_text()).get("tables", []):
+        table = Table(title=spec.get("title"), caption=spec.get("caption") or None)
+        for i, column in enumerate(spec["columns"]):
+            table.add_column(column, justify="left" if i == 0 or column in ("answer", "prompt", "model") else "right")
+        every = spec.get("sections") or 0
+        for i, row in enumerate(spec["rows"]):
+            table.add_row(*[str(cell) for cell in row], end_section=bool(every) and (i + 1) % every == 0)
+        console.print(table)

@@ -36,6 +36,11 @@ def shrink(recipe_path: Path, run_dir: Path) -> list[str]:
                           f"stages.{name}.algorithm.epochs=1",
                           f"stages.{name}.algorithm.sampling.max_new_tokens=6",
                           f"stages.{name}.algorithm.eval_prompts=4"]
+        if isinstance(algorithm, dict) and algorithm.get("name") == "evaluate":
+            overrides += [f"stages.{name}.algorithm.prompts=4", f"stages.{name}.algorithm.max_new_tokens=6"]
+            for slot in ("text", "pairs"):
+                if isinstance(stage.get(slot), dict):
+                    overrides.append(f"stages.{name}.{slot}.limit=8")
         if isinstance(stage.get("eval_data"), dict):
             overrides.append(f"stages.{name}.eval_data.limit=8")
     return overrides
@@ -54,6 +59,9 @@ def test_recipe_validates_and_runs_shrunk(path, tmp_path):
     summaries = run_recipe(recipe, PLUGINS)
     assert list(summaries) == [stage.name for stage in recipe.stages]
     for stage in recipe.stages:
+        if stage.algorithm.name == "evaluate":  # trains nothing: a report instead of a model
+            assert (tmp_path / "run" / stage.name / "report.json").is_file()
+            continue
         assert (tmp_path / "run" / stage.name / "export" / "config.json").is_file()
         assert json.loads((tmp_path / "run" / stage.name / "summary.json").read_text())["steps"] == 2
     # a second run skips every finished stage

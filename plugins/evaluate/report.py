@@ -1,0 +1,196 @@
+"""The ``evaluate`` stage: every listed model answers the same held-out prompts.
+
+Per model (greedy answers unless said otherwise):
+
+- ``gold``: mean gold score of the answers (the built-in task's scorer);
+- ``proxy``: mean score of the answers under ``reward`` (the learned reward model);
+- ``kl``: KL(model || reference) in nats per answer, estimated as the mean over answers
+  *sampled* from the model at temperature 1 of sum_t [log pi(y_t) - log pi_ref(y_t)]
+  (the k1 estimator, unbiased; greedy answers would not be samples of the model);
+- ``length``: mean answer length in tokens (EOS included);
+- ``perplexity``: exp(mean NLL per completion token) on ``text`` (EOS included), as the
+  sft stage measures it.
+
+Per reward source: ``accuracy``, the share of ``pairs`` whose chosen answer scores above
+the rejected one (ties count as wrong).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit import StageContext, UserError, logprobs_from_logits, positions_from_mask
+from rlhfkit.files import atomic_write_text
+from rlhfkit.plugins.evaluate import EvaluateConfig
+
+REPORT_NAME = "report.json"
+
+
+def _rows(dataset: Any, slot: str, need: str) -> list[Any]:
+    rows = list(dataset.rows())
+    wrong = next((r for r in rows if not hasattr(r, need)), None)
+    if wrong is not None:
+        raise UserError(f"the evaluate stage reads `{need}` from `{slot}:` rows; {type(wrong).__name__} rows have "
+                        f"none. Point `{slot}:` at a dataset of such rows.")
+    return rows
+
+
+def _label(reference: Any, index: int) -> str:
+    config = getattr(reference, "config", None)
+    return (getattr(config, "from_stage", None) or getattr(config, "path", None) or f"model {index}")
+
+
+class Evaluate:
+    """Trains nothing: :meth:`run` measures, :meth:`summary` returns ``{model/metric: value}``."""
+
+    evaluation_only = True
+
+    def __init__(self, config: EvaluateConfig, context: StageContext):
+        self.config = config
+        self.stage = context.stage
+        self.stage_dir = Path(context.stage_dir)
+        self.seed = context.seed
+        self.stage_order = list(context.exports)
+        refs = context.slots["models"]
+        self.labels = [_label(ref, i) for i, ref in enumerate(refs)]
+        self.models = context.component("models")
+        self.reference = context.component("reference")
+        self.reward = context.component("reward")
+        self.reward_label = _label(context.slots.get("reward"), len(refs)) if self.reward is not None else ""
+        self.gold = context.component("gold")
+        self.prompts = [r.prompt for r in _rows(context.component("prompts"), "prompts", "prompt")][: config.prompts]
+        text = context.component("text")
+        self.text = _rows(text, "text", "completion") if text is not None else []
+        pairs = context.component("pairs")
+        self.pairs = _rows(pairs, "pairs", "rejected") if pairs is not None else []
+        device = "cuda" if context.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.results: dict[str, dict[str, float]] = {}
+        self.sample_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ measuring
+    def run(self) -> None:
+        for policy in [*self.models, self.reference]:
+            if policy is not None:
+                policy.model.to(self.device).eval()
+        mover = getattr(self.reward, "to", None)
+        if mover is not None:
+            mover(self.device)
+        shown = self.prompts[: self.config.samples]
+        answers: dict[str, list[str]] = {}
+        for label, policy in zip(self.labels, self.models, strict=True):
+            metrics, answers[label] = self._measure(policy)
+            self.results[label] = metrics
+        if self.reward is not None and self.pairs:
+            chosen = self._score(self.reward, [p.prompt for p in self.pairs], [p.chosen for p in self.pairs])
+            rejected = self._score(self.reward, [p.prompt for p in self.pairs], [p.rejected for p in self.pairs])
+            self.results.setdefault(self.reward_label, {})["accuracy"] = float((chosen > rejected).float().mean())
+        for i, prompt in enumerate(shown):
+            for label in self.labels:
+                response = answers[label][i]
+                row = {"prompt": prompt, "model": label, "response": response}
+                for name, source in (("gold", self.gold), ("proxy", self.reward)):
+                    if source is not None:
+                        row[name] = float(source.score([prompt], [response])[0])
+                self.sample_rows.append(row)
+
+    @torch.no_grad()
+    def _measure(self, policy: Any) -> tuple[dict[str, float], list[str]]:
+        c = self.config
+        torch.manual_seed(self.seed)
+        answers: list[str] = []
+        lengths: list[torch.Tensor] = []
+        kls: list[torch.Tensor] = []
+        for start in range(0, len(self.prompts), c.batch_size):
+            chunk = self.prompts[start:start + c.batch_size]
+            ids, mask = policy.tokenize_prompts(chunk)
+            ids, mask = ids[:, -c.max_prompt_length:], mask[:, -c.max_prompt_length:]
+            response, response_mask = policy.generate_ids(ids, mask, max_new_tokens=c.max_new_tokens, do_sample=False)
+            answers += policy.decode_responses(response, response_mask)
+            lengths.append(response_mask.sum(1).float())
+            if self.reference is not None:
+                for _ in range(c.kl_samples):
+                    sampled, sampled_mask = policy.generate_ids(ids, mask, max_new_tokens=c.max_new_tokens,
+                                                                do_sample=True, temperature=1.0)
+                    own = _response_logprobs(policy.model, ids, mask, sampled, sampled_mask)
+                    ref = _response_logprobs(self.reference.model, ids, mask, sampled, sampled_mask)
+                    kls.append((own - ref).sum(1))
+        metrics: dict[str, float] = {}
+        if self.gold is not None:
+            metrics["gold"] = float(self._score(self.gold, self.prompts, answers).mean())
+        if self.reward is not None:
+            metrics["proxy"] = float(self._score(self.reward, self.prompts, answers).mean())
+        if kls:
+            metrics["kl"] = float(torch.cat(kls).mean())
+        metrics["length"] = float(torch.cat(lengths).mean())
+        if self.text:
+            metrics["perplexity"] = self._perplexity(policy)
+        return metrics, answers
+
+    def _score(self, source: Any, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        size = self.config.batch_size
+        parts = [source.score(prompts[i:i + size], responses[i:i + size]).float().cpu()
+                 for i in range(0, len(prompts), size)]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def _perplexity(self, policy: Any) -> float:
+        nll = torch.zeros((), dtype=torch.float64)
+        tokens = 0.0
+        for start in range(0, len(self.text), self.config.batch_size):
+            rows = self.text[start:start + self.config.batch_size]
+            batch = policy.tokenize_pairs([r.prompt for r in rows], [r.completion for r in rows],
+                                          self.config.max_length)
+            logits = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logprobs = logprobs_from_logits(logits[:, :-1].float(), batch["input_ids"][:, 1:])
+            labels = batch["labels_mask"][:, 1:].to(logprobs.dtype)
+            nll -= (logprobs * labels).sum().double().cpu()
+            tokens += float(labels.sum())
+        return float(torch.exp(nll / tokens))
+
+    # ------------------------------------------------------------------ output
+    def export(self, directory: Path) -> None:
+        """Write the report (tables the runner prints at the end of a run) and the samples."""
+        atomic_write_text(self.stage_dir / REPORT_NAME, json.dumps({"tables": self.tables()}, indent=2))
+        atomic_write_text(self.stage_dir / "samples.jsonl",
+                          "".join(json.dumps(row) + "\n" for row in self.sample_rows))
+
+    def tables(self) -> list[dict[str, Any]]:
+        names = {"gold": "gold ↑", "proxy": "proxy (RM)", "kl": "KL to reference", "length": "length",
+                 "perplexity": "perplexity", "accuracy": "RM pair accuracy"}
+        present = [m for m in names if any(m in r for r in self.results.values())]
+        order = {name: i for i, name in enumerate(self.stage_order)}
+        labels = sorted(self.results, key=lambda label: order.get(label, len(order)))
+        rows = [[label, *(f"{self.results[label][m]:.3f}" if m in self.results[label] else "—" for m in present)]
+                for label in labels]
+        caption = (f"{len(self.prompts)} held-out prompts, greedy answers of at most {self.config.max_new_tokens} "
+                   f"tokens; KL sampled at temperature 1; perplexity on {len(self.text)} held-out demonstrations")
+        tables = [{"title": self.config.title or f"{self.stage}: every model on the same prompts",
+                   "columns": ["model", *(names[m] for m in present)], "rows": rows, "caption": caption}]
+        if self.sample_rows:
+            scored = [k for k in ("gold", "proxy") if k in self.sample_rows[0]]
+            tables.append({
+                "title": "the same prompts after each stage",
+                "columns": ["prompt", "model", "answer", *scored],
+                "rows": [[row["prompt"] if i % len(self.labels) == 0 else "", row["model"], row["response"],
+                          *(f"{row[k]:.2f}" for k in scored)] for i, row in enumerate(self.sample_rows)],
+                "caption": "", "sections": len(self.labels)})
+        return tables
+
+    def summary(self) -> dict[str, Any]:
+        return {f"{label}/{name}": value for label, metrics in self.results.items() for name, value in metrics.items()}
+
+
+@torch.no_grad()
+def _response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` log-probs of the response tokens (0 where the mask is 0)."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    p = prompt_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, p - 1:-1]
+    return logprobs_from_logits(logits.float(), response_ids) * response_mask
