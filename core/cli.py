@@ -1,4 +1,4 @@
-"""The ``rlhfkit`` command line: run, validate, plugins, schema."""
+"""The ``rlhfkit`` command line: run, ablate, validate, plugins, schema."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*", metavar="key.path=value")
 
+    ablate = sub.add_parser("ablate", help="run variants of a recipe over seeds; CSV, table and plots")
+    ablate.add_argument("ablation", help="path to an ablation YAML file (see docs/ablations.md)")
+    ablate.add_argument("overrides", nargs="*", metavar="key.path=value", help="override every variant's recipe")
+    ablate.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="seeds per variant (run.seed + 0..N-1; default: the file's `seeds`, else 1)")
+    ablate.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (each gets cores / J threads)")
+    ablate.add_argument("--validate", action="store_true", help="only check the file and every variant's recipe")
+
     plugins = sub.add_parser("plugins", help="list installed components with their settings")
     plugins.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
 
@@ -46,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "ablate"):
         # MKL may pick kernels by memory alignment, which differs between processes: strict
         # conditional reproducibility keeps a resumed run bit-identical (set before MKL starts)
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -58,6 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhfkit.runner import run_recipe  # torch/lightning only once the recipe is valid
 
             run_recipe(recipe, plugins, console)
+        elif args.command == "ablate":
+            from rlhfkit.ablate import load_ablation, run_ablation
+
+            if args.seeds is not None and args.seeds < 1 or args.jobs < 1:
+                raise UserError("--seeds and --jobs take a whole number of at least 1")
+            ablation = load_ablation(args.ablation, plugins, args.seeds, args.overrides)
+            if args.validate:
+                console.print(f"[green]ok[/]: {args.ablation} is valid; variants: {', '.join(ablation.spec.variants)}; "
+                              f"seeds {ablation.seeds}; shared stages per seed: "
+                              f"{', '.join(ablation.shared[ablation.seeds[0]]) or 'none'}")
+            else:
+                run_ablation(ablation, args.jobs, console)
         elif args.command == "validate":
             recipe = plugins.load_recipe(args.recipe, args.overrides)
             stages = ", ".join(f"{s.name} ({s.algorithm.name})" for s in recipe.stages)

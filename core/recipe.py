@@ -202,6 +202,12 @@ def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] |
             problems.append(Problem(COMMAND_LINE, item.split("=", 1)[0], str(exc)))
     if problems:
         raise RecipeError(problems)
+    return checked(data, path, registry, origins, check)
+
+
+def checked(data: dict[str, Any], path: Path, registry: Registry, origins: dict[str, str],
+            check: Any = None) -> Recipe:
+    """Validate composed ``data`` (:func:`validate`), then run the plugins' ``check``."""
     recipe = validate(data, path, registry, origins)
     if check is not None:
         extra = check(recipe)
@@ -272,6 +278,12 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UserError(f"value {text!r} is not valid YAML; quote it") from None
+    set_value(data, dotted, value)
+
+
+def set_value(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating mappings on the way
+    (list items by index: ``a.0.b``). ``stages.NAME = None`` later removes that stage."""
     keys = dotted.split(".")
     node: Any = data
     for i, k in enumerate(keys[:-1]):
@@ -329,6 +341,8 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
     def add(dotted: str, message: str, hint: str = "") -> None:
         problems.append(Problem(_file_of(origins, dotted, str(path)), dotted, message, hint))
 
+    if isinstance(data.get("stages"), dict):  # `stages.NAME: null` removes an inherited stage
+        data["stages"] = {name: stage for name, stage in data["stages"].items() if stage is not None}
     try:
         shell = _RecipeShell.model_validate(data)
     except ValidationError as exc:

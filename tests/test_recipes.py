@@ -12,7 +12,9 @@ import rlhfkit
 from rlhfkit.recipe import compose
 from rlhfkit.runner import run_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+# Only the files directly in recipes/: the folders below it are tested on their own terms
+# (rm-static/ needs real checkpoints and data files: tests/test_real_recipes.py).
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 PLUGINS = rlhfkit.load_plugins()
 
 

@@ -30,6 +30,9 @@ class EvaluateConfig(BaseModel):
     max_length: int = Field(128, ge=2, description="prompt + completion tokens of the perplexity rows")
     samples: int = Field(3, ge=0, description="prompts whose answers are printed and saved to samples.jsonl")
     title: str = Field("", description="the report table's title (default: the stage's name)")
+    labels: list[str] = Field(default_factory=list,
+                              description="names of the models in the report and summary, in the order of `models` "
+                                          "(default: each one's from_stage, else its path)")
 
 
 SLOTS = {

@@ -57,6 +57,11 @@ class Evaluate:
         self.stage_order = list(context.exports)
         refs = context.slots["models"]
         self.labels = [_label(ref, i) for i, ref in enumerate(refs)]
+        if config.labels:
+            if len(config.labels) != len(refs) or len(set(config.labels)) != len(refs):
+                raise UserError(f"stage {self.stage!r}: `labels` names {len(config.labels)} models but `models` lists "
+                                f"{len(refs)}; give one distinct label per model, in the same order.")
+            self.labels = list(config.labels)
         self.models = context.component("models")
         self.reference = context.component("reference")
         self.reward = context.component("reward")
