@@ -23,6 +23,7 @@ interrupted one resumes from its checkpoint. Run directory::
     runs/ablations/<name>/metrics.csv         variant, seed, stage, step, metric, value
     runs/ablations/<name>/table.csv, table.md final metrics, mean and std over seeds
     runs/ablations/<name>/plots/*.png         one per metric, a line per variant, a band
+    runs/ablations/<name>/plots/final_*.png   one per table metric, a bar per variant
 """
 
 from __future__ import annotations
@@ -351,6 +352,7 @@ def collect(ablation: Ablation, console: Console) -> list[dict[str, Any]]:
     _write_table(root, ablation, keys, rows, console)
     plots = ablation.spec.plots or sorted(m for m in curves if m.startswith("eval/"))
     _plot(root / "plots", plots, curves, variants)
+    _bars(root / "plots", keys, rows)
     return rows
 
 
@@ -451,4 +453,27 @@ def _plot(directory: Path, metrics: list[str], curves: dict, variants: list[str]
         axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         figure.tight_layout()
         figure.savefig(directory / (metric.replace("/", "_") + ".png"), dpi=100)
+        plt.close(figure)
+
+
+def _bars(directory: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    """One bar chart per table metric: the mean per variant, the sample std as error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        present = [r for r in rows if r.get(key) is not None]
+        if not present:
+            continue
+        figure, axis = plt.subplots(figsize=(max(4.0, 0.8 * len(present) + 1.5), 3.6))
+        axis.bar(range(len(present)), [r[key][0] for r in present], yerr=[r[key][1] for r in present],
+                 capsize=3, color="tab:blue", alpha=0.8)
+        axis.set_xticks(range(len(present)), [r["variant"] for r in present], rotation=30, ha="right")
+        axis.set_ylabel(key)
+        axis.set_title(f"final {key} (mean ± std over seeds)")
+        figure.tight_layout()
+        figure.savefig(directory / f"final_{key.replace('/', '_')}.png", dpi=100)
         plt.close(figure)

@@ -60,6 +60,7 @@ def test_variants_over_seeds_share_stages_and_resume(tmp_path):
     assert float(table["base"]["accuracy_std"]) == pytest.approx(std)
     assert "±" in console.export_text() and "| base |" in (out / "table.md").read_text()
     assert (out / "plots" / "eval_accuracy.png").stat().st_size > 1000
+    assert (out / "plots" / "final_accuracy.png").stat().st_size > 1000
     # again: nothing to do, no run is launched
     def no_launch(job, env):
         raise AssertionError(f"{job.name} should have been skipped")
