@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow as pa
@@ -335,3 +336,113 @@ def test_reading_is_deferred_and_cached(registry, tmp_path):
     first = dataset.rows()
     os.remove(file)
     assert dataset.rows() is first
+
+
+# ----------------------------------------------------------------------- portions
+
+
+def numbered(count: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
+            for i in range(start, start + count)]
+
+
+def prompts(dataset) -> list[str]:
+    return [row.prompt for row in dataset.rows()]
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 7])
+@pytest.mark.parametrize("total", [3, 7, 13, 40, 101])
+def test_adjacent_portions_split_the_rows_exactly(registry, tmp_path, total, shuffle_seed):
+    # two files, so positions run across a file boundary
+    write_jsonl(tmp_path / "a.jsonl", numbered(total // 3))
+    pq.write_table(pa.Table.from_pylist(numbered(total - total // 3, total // 3)),
+                   tmp_path / "b.parquet")
+    everything = [f"p{i}" for i in range(total)]
+    for bounds in ([0.0, 0.2, 0.6, 1.0], [0.0, 1 / 3, 2 / 3, 1.0], [0.0, 0.5, 1.0]):
+        parts = []
+        for start, end in pairwise(bounds):
+            try:
+                parts.append(prompts(load(registry, tmp_path / "*", schema="prompt",
+                                          portion=[start, end], shuffle_seed=shuffle_seed)))
+            except DataError as exc:  # a portion of too few rows may hold none
+                assert "holds no row" in str(exc)
+                parts.append([])
+        joined = [prompt for part in parts for prompt in part]
+        if shuffle_seed is None:
+            assert joined == everything  # file order, nothing lost, nothing twice
+        else:
+            assert sorted(joined) == sorted(everything) and len(set(joined)) == total
+        assert [len(part) for part in parts] == [
+            round(end * total) - round(start * total) for start, end in pairwise(bounds)]
+
+
+def test_portion_in_file_order(registry, tmp_path):
+    file = write_jsonl(tmp_path / "p.jsonl", numbered(10))
+    assert prompts(load(registry, file, schema="preference", portion=[0.2, 0.6])) == [
+        "p2", "p3", "p4", "p5"]
+
+
+def test_shuffle_seed_gives_one_order_per_seed(registry, tmp_path):
+    file = write_jsonl(tmp_path / "p.jsonl", numbered(50))
+    first = prompts(load(registry, file, schema="prompt", shuffle_seed=1))
+    assert first == prompts(load(registry, file, schema="preference", shuffle_seed=1))
+    assert first != prompts(load(registry, file, schema="prompt", shuffle_seed=2))
+    assert sorted(first) == sorted(f"p{i}" for i in range(50)) and first != sorted(first)
+    assert prompts(load(registry, file, schema="prompt", shuffle_seed=1,
+                        portion=[0.0, 0.2])) == first[:10]
+
+
+@pytest.mark.parametrize("portion", [[0.6, 0.2], [0.2, 0.2], [-0.1, 0.5], [0.5, 1.2]])
+def test_portion_must_be_a_range_within_0_and_1(registry, tmp_path, portion):
+    file = write_jsonl(tmp_path / "p.jsonl", PREFS)
+    with pytest.raises(UserError, match=r"portion .* needs 0 <= start < end <= 1"):
+        load(registry, file, schema="preference", portion=portion)
+
+
+def test_portion_with_one_number_is_rejected(registry, tmp_path):
+    with pytest.raises(UserError, match="portion"):
+        load(registry, write_jsonl(tmp_path / "p.jsonl", PREFS), schema="preference",
+             portion=[0.2])
+
+
+def test_portions_count_every_row_whatever_the_schema(registry, tmp_path):
+    # Row 1 lacks `rejected`: malformed as a preference, fine as a prompt. Boundaries are
+    # counted on all rows, so stages with different schemas still get disjoint portions.
+    records = numbered(10)
+    del records[1]["rejected"]
+    file = write_jsonl(tmp_path / "p.jsonl", records)
+    pairs = load(registry, file, schema="preference", portion=[0.0, 0.5], on_error="skip")
+    assert prompts(pairs) == ["p0", "p2", "p3", "p4"] and pairs.skipped == 1
+    assert "line 2" in pairs.problems[0]
+    assert prompts(load(registry, file, schema="prompt", portion=[0.0, 0.5])) == [
+        "p0", "p1", "p2", "p3", "p4"]
+    # rows outside the portion are not validated
+    assert len(load(registry, file, schema="preference", portion=[0.5, 1.0]).rows()) == 5
+    with pytest.raises(DataError, match="line 2: field 'rejected' is missing"):
+        load(registry, file, schema="preference", portion=[0.0, 0.5]).rows()
+
+
+def test_limit_keeps_the_first_valid_rows_of_the_portion(registry, tmp_path):
+    records = numbered(10)
+    records[5]["chosen"] = ""
+    file = write_jsonl(tmp_path / "p.jsonl", records)
+    assert prompts(load(registry, file, schema="preference", portion=[0.5, 1.0],
+                        limit=2, on_error="skip")) == ["p6", "p7"]
+    shuffled = prompts(load(registry, file, schema="prompt", shuffle_seed=3, portion=[0.5, 1.0]))
+    assert prompts(load(registry, file, schema="prompt", shuffle_seed=3, portion=[0.5, 1.0],
+                        limit=3)) == shuffled[:3]
+
+
+def test_an_empty_portion_is_an_error(registry, tmp_path):
+    file = write_jsonl(tmp_path / "p.jsonl", numbered(3))
+    with pytest.raises(DataError, match=r"portion \[0.0, 0.1\] of the 3 rows .* holds no row"):
+        load(registry, file, schema="preference", portion=[0.0, 0.1]).rows()
+
+
+def test_errors_in_a_portion_name_the_row_in_its_file(registry, tmp_path):
+    records = numbered(10)
+    records[7]["prompt"] = " "
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet row 7 \(0-based\): field 'prompt'"):
+        load(registry, tmp_path / "p.parquet", schema="preference", shuffle_seed=0,
+             portion=[0.0, 1.0]).rows()

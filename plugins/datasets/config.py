@@ -63,9 +63,22 @@ class FileDatasetConfig(BaseModel):
         description="Renames from the file's column to the schema's field, e.g. "
                     "`{question: prompt, answer: completion}`. Columns not needed are "
                     "ignored.")
+    shuffle_seed: int | None = Field(
+        None,
+        description="Put the rows of all the files in a random order drawn from this seed "
+                    "before `portion` and `limit` apply; every stage that reads the same "
+                    "files with the same seed sees the same order. null keeps file order.")
+    portion: tuple[float, float] | None = Field(
+        None,
+        description="Keep only the rows from fraction `start` (inclusive) to `end` "
+                    "(exclusive) of all the files' rows, valid or not, in file order or "
+                    "in `shuffle_seed`'s order: [0.0, 0.2] is the first 20 %. Portions "
+                    "that meet, e.g. [0.0, 0.2], [0.2, 0.6] and [0.6, 1.0], split the rows "
+                    "exactly. null keeps all.")
     limit: int | None = Field(
         None, ge=1,
-        description="Keep only the first this many valid rows (files in sorted order); "
+        description="Keep only the first this many valid rows (files in sorted order; of "
+                    "the portion, in its order, when `portion` or `shuffle_seed` is set); "
                     "null keeps all.")
     on_error: Literal["raise", "skip"] = Field(
         "raise",
@@ -91,6 +104,17 @@ class FileDatasetConfig(BaseModel):
         if problem:
             raise ValueError(problem)
         return schema
+
+    @field_validator("portion")
+    @classmethod
+    def _portion_is_a_range(cls, portion: tuple[float, float] | None
+                            ) -> tuple[float, float] | None:
+        if portion is not None and not 0.0 <= portion[0] < portion[1] <= 1.0:
+            raise ValueError(
+                f"portion [{portion[0]}, {portion[1]}] is not a part of the rows: it needs "
+                f"0 <= start < end <= 1, e.g. [0.0, 0.2] for the first 20 % or [0.2, 0.6] "
+                f"for the next 40 %")
+        return portion
 
     @field_validator("columns")
     @classmethod

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import random
+from bisect import bisect_right
+from collections.abc import Iterator
+from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -16,6 +21,29 @@ logger = logging.getLogger(__name__)
 
 #: How many row problems a skipping dataset keeps to show (the count is always exact).
 MAX_PROBLEMS = 10
+#: Rows of a portion fetched from the files at a time (a ``limit`` stops between chunks).
+_CHUNK = 4096
+
+#: One record to validate: its file, ``{schema field: file column}``, where it is, and
+#: its fields (or why it could not be parsed).
+ReadRecord = tuple[Path, dict[str, str], str, dict[str, Any] | Unparsable]
+
+
+def selected_positions(total: int, portion: tuple[float, float] | None,
+                       shuffle_seed: int | None) -> list[int]:
+    """The positions (0-based, over all the files' rows in file order) that ``portion``
+    keeps, in the order they are read.
+
+    The rows are first put in ``shuffle_seed``'s random order (when set); the portion
+    ``[start, end]`` then keeps that order's rows ``round(start * total)`` up to, not
+    including, ``round(end * total)``. Each boundary depends only on its own fraction, so
+    portions that meet (``[0, 0.2]``, ``[0.2, 0.6]``, ``[0.6, 1]``) split the rows exactly.
+    """
+    order = list(range(total))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    start, end = portion or (0.0, 1.0)
+    return order[round(start * total):round(end * total)]
 
 
 class FileDataset:
@@ -43,7 +71,8 @@ class FileDataset:
         self._problems: list[str] = []
 
     def rows(self) -> list[Row]:
-        """Every valid row (the first ``limit`` of them when a limit is set)."""
+        """Every valid row of the portion (the first ``limit`` of them when a limit is
+        set)."""
         if self._rows is None:
             self._rows = self._load()
         return self._rows
@@ -70,25 +99,18 @@ class FileDataset:
 
     def _load(self) -> list[Row]:
         limit, rows, seen = self.config.limit, [], 0
-        for file in self.files:
+        for file, column_of, where, record in self._records():
+            seen += 1
+            if isinstance(record, Unparsable):
+                self._reject(f"{file} {where} {record}", "fix the line")
+                continue
+            try:
+                rows.append(self.schema.record.model_validate(record).to_row())
+            except ValidationError as exc:
+                problem, missing = describe_problem(exc, column_of)
+                self._reject(f"{file} {where}: {problem}", self._how_to_fix(missing))
             if limit is not None and len(rows) >= limit:
-                break  # later files are not even read
-            records = read_file(file, file_format(file, self.config.format))
-            if not records.columns:
-                continue  # an empty file (a JSON shard with no records) has nothing to check
-            column_of = self._columns_for(file, records.columns)
-            for where, record in records.select(column_of):
-                seen += 1
-                if isinstance(record, Unparsable):
-                    self._reject(f"{file} {where} {record}", "fix the line")
-                    continue
-                try:
-                    rows.append(self.schema.record.model_validate(record).to_row())
-                except ValidationError as exc:
-                    problem, missing = describe_problem(exc, column_of)
-                    self._reject(f"{file} {where}: {problem}", self._how_to_fix(missing))
-                if limit is not None and len(rows) >= limit:
-                    break
+                break  # with the files in file order, later files are not even read
         if not seen:
             raise DataError(f"no rows in {self.path!r}: the data is empty. Check the path.")
         if not rows:
@@ -98,6 +120,49 @@ class FileDataset:
             logger.warning("%s: skipped %d malformed row(s) of %d (on_error: skip); first: %s",
                            self.path, self._skipped, seen, self._problems[0])
         return rows
+
+    def _records(self) -> Iterator[ReadRecord]:
+        """The records to validate, in the order they are kept."""
+        if self.config.portion is None and self.config.shuffle_seed is None:
+            return self._records_in_file_order()
+        return self._records_of_portion()
+
+    def _records_in_file_order(self) -> Iterator[ReadRecord]:
+        for file in self.files:  # one file in memory at a time
+            records = read_file(file, file_format(file, self.config.format))
+            if records.columns:  # an empty JSON file has no columns to check
+                column_of = self._columns_for(file, records.columns)
+                for where, record in records.select(column_of):
+                    yield file, column_of, where, record
+
+    def _records_of_portion(self) -> Iterator[ReadRecord]:
+        """The portion's records, in shuffled order when ``shuffle_seed`` is set. A
+        portion is a fraction of every file's rows, so all files are read first."""
+        tables = []
+        for file in self.files:
+            records = read_file(file, file_format(file, self.config.format))
+            if records.columns:
+                tables.append((file, records, self._columns_for(file, records.columns)))
+        starts = list(accumulate((len(records) for _, records, _ in tables), initial=0))
+        positions = selected_positions(starts[-1], self.config.portion, self.config.shuffle_seed)
+        if starts[-1] and not positions:
+            start, end = self.config.portion or (0.0, 1.0)
+            raise DataError(
+                f"portion [{start}, {end}] of the {starts[-1]} rows in {self.path!r} holds no "
+                f"row; widen the portion or add data.")
+        for first in range(0, len(positions), _CHUNK):
+            chunk = positions[first:first + _CHUNK]
+            wanted: dict[int, list[int]] = {}  # table -> its rows in this chunk, in order
+            for position in chunk:
+                table = bisect_right(starts, position) - 1
+                wanted.setdefault(table, []).append(position - starts[table])
+            found = {}
+            for table, indices in wanted.items():
+                file, records, column_of = tables[table]
+                for index, (where, record) in zip(indices, records.take(indices, column_of),
+                                                  strict=True):
+                    found[starts[table] + index] = (file, column_of, where, record)
+            yield from (found[position] for position in chunk)
 
     def _reject(self, problem: str, fix: str) -> None:
         if self.config.on_error == "raise":

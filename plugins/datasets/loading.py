@@ -86,9 +86,18 @@ class Records:
     def __init__(self, columns: list[str]):
         self.columns = columns
 
+    def __len__(self) -> int:
+        """How many records the file holds, valid or not (a JSON line that does not
+        parse is one)."""
+        raise NotImplementedError
+
     def select(self, column_of: dict[str, str]) -> Iterator[Item]:
         """``(where, {field: value})`` for each record, from the columns ``column_of``
         names (``{schema field: file column}``)."""
+        raise NotImplementedError
+
+    def take(self, indices: list[int], column_of: dict[str, str]) -> list[Item]:
+        """Like :meth:`select`, for the records at ``indices`` (0-based, in that order)."""
         raise NotImplementedError
 
 
@@ -98,14 +107,23 @@ class JsonRecords(Records):
             key for _, item in items if isinstance(item, dict) for key in item)))
         self.items = items
 
+    def __len__(self) -> int:
+        return len(self.items)
+
     def select(self, column_of: dict[str, str]) -> Iterator[Item]:
         for where, item in self.items:
-            if isinstance(item, Unparsable):
-                yield where, item
-            else:
-                # An absent key stays absent, so the row is reported as missing the field.
-                yield where, {field: item[column] for field, column in column_of.items()
-                              if column in item}
+            yield where, self._fields(item, column_of)
+
+    def take(self, indices: list[int], column_of: dict[str, str]) -> list[Item]:
+        return [(self.items[i][0], self._fields(self.items[i][1], column_of)) for i in indices]
+
+    @staticmethod
+    def _fields(item: dict[str, Any] | Unparsable, column_of: dict[str, str]
+                ) -> dict[str, Any] | Unparsable:
+        if isinstance(item, Unparsable):
+            return item
+        # An absent key stays absent, so the row is reported as missing the field.
+        return {field: item[column] for field, column in column_of.items() if column in item}
 
 
 class TableRecords(Records):
@@ -115,6 +133,9 @@ class TableRecords(Records):
         super().__init__(list(table.column_names))
         self.table = table
 
+    def __len__(self) -> int:
+        return len(self.table)
+
     def select(self, column_of: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
         columns, index = list(column_of.values()), 0
         for batch in self.table.select_columns(columns).iter(batch_size=self._BATCH):
@@ -123,6 +144,13 @@ class TableRecords(Records):
                 yield (f"row {index + offset} (0-based)",
                        {field: batch[column][offset] for field, column in column_of.items()})
             index += size
+
+    def take(self, indices: list[int], column_of: dict[str, str]) -> list[Item]:
+        table = self.table.select_columns(list(dict.fromkeys(column_of.values())))
+        columns = table.select(indices)[:]
+        return [(f"row {index} (0-based)",
+                 {field: columns[column][k] for field, column in column_of.items()})
+                for k, index in enumerate(indices)]
 
 
 def read_file(file: Path, fmt: Format) -> Records:

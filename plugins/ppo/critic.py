@@ -27,7 +27,8 @@ class ValueModel(torch.nn.Module):
     def __init__(self, causal_lm: Any, score_weight: torch.Tensor | None):
         super().__init__()
         self.backbone = causal_lm.base_model  # the transformer body: no LM head to carry or sync
-        hidden = causal_lm.config.get_text_config().hidden_size
+        # the width of the last hidden state, e.g. 512 for OPT-350m (hidden_size 1024)
+        hidden = causal_lm.get_output_embeddings().in_features
         self.head = torch.nn.Linear(hidden, 1, bias=False)
         with torch.no_grad():
             self.head.weight.copy_(score_weight if score_weight is not None else torch.zeros(1, hidden))

@@ -55,7 +55,9 @@ class RewardModelTraining(L.LightningModule):
         self.backbone = context.component("backbone")
         self.model = self.backbone.model
         self.model.train()
-        hidden = causal_lm(self.model).config.get_text_config().hidden_size
+        # The width of the last hidden state (what the LM head reads), which is not always
+        # hidden_size: OPT-350m projects its 1024-wide states down to 512.
+        hidden = causal_lm(self.model).get_output_embeddings().in_features
         self.head = ScalarHead(hidden)
         self.objective = context.component("objective")
         self.regularizers = context.component("regularizers") or []
