@@ -63,7 +63,17 @@ class Prompt:
     prompt: str
 
 
-Row = PromptCompletion | Conversation | Preference | Ranking | Prompt
+@dataclass(frozen=True)
+class Feedback:
+    """One completion labelled on its own, with no comparison: thumbs up (``desirable``)
+    or thumbs down. Unpaired preference data, as KTO trains on."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+
+
+Row = PromptCompletion | Conversation | Preference | Ranking | Prompt | Feedback
 
 # ------------------------------------------------------------------------ batches
 
@@ -178,6 +188,31 @@ class PreferenceBatch:
     ref_rejected: torch.Tensor | None = None
     mismatched: torch.Tensor | None = None
     ref_mismatched: torch.Tensor | None = None
+
+
+@dataclass
+class FeedbackBatch:
+    """Log-probs of unpaired completions, each labelled desirable or undesirable: what
+    objectives that train on :class:`Feedback` rows (KTO; ``accepts_unpaired = True``)
+    consume. ``B`` rows of one micro-batch.
+
+    Attributes:
+        logps: ``[B]`` summed token log-probs log pi(y|x) under the policy (with grad).
+        tokens: ``[B]`` response token counts.
+        desirable: ``[B]`` bool, True for a desirable completion.
+        ref_logps: ``[B]`` summed log-probs under the reference.
+        mismatched, ref_mismatched: ``[M]`` summed log-probs (no grad) of prompts paired
+            with another row's completion, under the policy and the reference (KTO's KL
+            reference point), for every row of the optimizer step on every device, so
+            that each micro-batch sees the same ``M >= B`` values.
+    """
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    desirable: torch.Tensor
+    ref_logps: torch.Tensor
+    mismatched: torch.Tensor
+    ref_mismatched: torch.Tensor
 
 
 @dataclass

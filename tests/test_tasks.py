@@ -14,6 +14,7 @@ import rlhfkit.plugins.tasks as tasks_plugin
 from rlhfkit import (
     ComponentSpec,
     DataError,
+    Feedback,
     Preference,
     Prompt,
     PromptCompletion,
@@ -62,7 +63,7 @@ def reviews() -> ReviewsTask:
 
 
 def texts(row) -> list[str]:
-    if isinstance(row, PromptCompletion):
+    if isinstance(row, PromptCompletion | Feedback):
         return [row.prompt, row.completion]
     if isinstance(row, Preference):
         return [row.prompt, row.chosen, row.rejected]

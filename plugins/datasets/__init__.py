@@ -32,4 +32,4 @@ def rlhfkit_components() -> list[ComponentSpec]:
     return [ComponentSpec(
         kind="dataset", name="file", config=FileDatasetConfig, factory=build,
         doc="rows from local jsonl/json/parquet/csv/arrow files, validated against a "
-            "schema (prompt-completion, preference, ranking, messages, prompt, text)")]
+            "schema (prompt-completion, preference, ranking, unpaired, messages, prompt, text)")]

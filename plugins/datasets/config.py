@@ -56,7 +56,7 @@ class FileDatasetConfig(BaseModel):
     # Named schema_ because `schema` shadows a BaseModel method; recipes write `schema:`.
     schema_: SchemaName = Field(
         alias="schema",
-        description="The row layout: prompt-completion, preference, ranking, messages, "
+        description="The row layout: prompt-completion, preference, ranking, unpaired, messages, "
                     "prompt or text (see docs/data.md for the columns of each).")
     columns: dict[str, str] = Field(
         default_factory=dict,

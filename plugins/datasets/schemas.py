@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -21,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from rlhfkit import Conversation, Preference, Prompt, PromptCompletion, Ranking, Row
+from rlhfkit import Conversation, Feedback, Preference, Prompt, PromptCompletion, Ranking, Row
 
 
 def _not_blank(text: str) -> str:
@@ -62,6 +63,34 @@ class PreferenceRecord(_Record):
     def to_row(self) -> Row:
         return Preference(prompt=self.prompt, chosen=self.chosen, rejected=self.rejected,
                           margin=self.margin)
+
+
+#: How a label may be written, in any case and with surrounding spaces (CSV holds only text).
+LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _label(value: Any) -> bool:
+    """``True`` for a desirable completion: a bool, the number 1 or 0, or a word of
+    :data:`LABEL_WORDS`; anything else is an error rather than a guess."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    if value is None:
+        raise ValueError("is null; give true (desirable) or false (undesirable)")
+    raise ValueError(f"must be true (desirable) or false (undesirable); 1/0 and the strings "
+                     f"true/false, 1/0, yes/no are read too, got {_preview(value)}")
+
+
+class FeedbackRecord(_Record):
+    prompt: Text
+    completion: Text
+    label: Annotated[bool, BeforeValidator(_label)]
+
+    def to_row(self) -> Row:
+        return Feedback(prompt=self.prompt, completion=self.completion, desirable=self.label)
 
 
 def ranks_from_scores(scores: list[float]) -> tuple[int, ...]:
@@ -181,6 +210,7 @@ class Schema:
 SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
     Schema("prompt-completion", PromptCompletionRecord, ("prompt", "completion")),
     Schema("preference", PreferenceRecord, ("prompt", "chosen", "rejected")),
+    Schema("unpaired", FeedbackRecord, ("prompt", "completion", "label")),
     Schema("ranking", RankingRecord, ("prompt", "completions"), one_of=("ranks", "scores"),
            lists=("completions", "ranks", "scores")),
     Schema("messages", MessagesRecord, ("messages",), lists=("messages",)),
@@ -189,7 +219,8 @@ SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
 )}
 
 #: The names recipes may write (kept equal to SCHEMAS' keys; a test checks).
-SchemaName = Literal["prompt-completion", "preference", "ranking", "messages", "prompt", "text"]
+SchemaName = Literal["prompt-completion", "preference", "unpaired", "ranking", "messages", "prompt",
+                     "text"]
 
 
 def describe_problem(error: ValidationError, column_of: dict[str, str]) -> tuple[str, bool]:

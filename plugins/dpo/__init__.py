@@ -7,7 +7,8 @@
 - online (iterative) DPO with ``online:``: pairs sampled from the current policy each step
   and labelled by any reward source.
 - objectives ``dpo``, ``cdpo``, ``robust-dpo``, ``ipo``, ``hinge``, ``simpo``, ``orpo``,
-  and ``kto`` (the pairs taken apart into desirable and undesirable responses).
+  and ``kto``, which trains on unpaired ``Feedback`` rows (a completion labelled desirable
+  or not; batched and stepped in ``unpaired.py``) or on the pairs taken apart.
 
 Formulas, defaults and sources: docs/dpo.md. Settings and registration live here; the
 torch code is imported when a stage is built.
@@ -44,12 +45,14 @@ SLOTS = {
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
-    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected); prompts when online"),
+    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
+                                "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
     "constraints": Slot("constraint", required=False, many=True,
                         doc="after each optimizer step, e.g. TR-DPO's reference sync {name: reference-ema, rate: "
                             "0.6, every: 512}"),
-    "eval_data": Slot("dataset", required=False, doc="held-out pairs: implicit-reward accuracy and margins"),
+    "eval_data": Slot("dataset", required=False, doc="held-out pairs or unpaired rows: how well the implicit "
+                                                     "reward separates them"),
     "eval_prompts": Slot("dataset", required=False, doc="held-out prompts answered greedily, scored with `gold`"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
 }

@@ -24,6 +24,11 @@ def margin(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tenso
     return (_wide(pc) - _wide(rc)) - (_wide(pr) - _wide(rr))
 
 
+def log_ratio(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``log π − log ref`` (at least float32): an implicit reward, KTO's ``Δ``."""
+    return _wide(logp) - _wide(ref)
+
+
 def dpo(delta: torch.Tensor, beta: float) -> torch.Tensor:
     """DPO (Rafailov et al. 2023): ``−log σ(βΔ)``."""
     return -F.logsigmoid(beta * delta)

@@ -1,5 +1,6 @@
 """The ``dpo`` LightningModule: one concatenated forward of chosen and rejected per
-micro-batch, reference log-probs on the fly or precomputed, any DPO-family objective."""
+micro-batch, reference log-probs on the fly or precomputed, any DPO-family objective.
+Unpaired rows (KTO) are batched and stepped in ``unpaired.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 
 from rlhfkit import (
+    Feedback,
     Preference,
     PreferenceBatch,
     StageContext,
@@ -29,15 +31,21 @@ from rlhfkit import (
     step_loader,
     total_steps,
 )
-from rlhfkit.plugins.dpo import DPOConfig
+from rlhfkit.plugins.dpo import DPOConfig, unpaired
 
 
-def _pairs(rows: Any, slot: str) -> list[Preference]:
+def _pairs(rows: Any, slot: str) -> list[Preference] | list[Feedback]:
+    """Preference pairs, or unpaired Feedback rows (KTO): one kind per slot."""
     rows = list(rows)
-    wrong = next((r for r in rows if not isinstance(r, Preference)), None)
+    kind = Feedback if rows and isinstance(rows[0], Feedback) else Preference
+    wrong = next((r for r in rows if not isinstance(r, kind)), None)
+    if isinstance(wrong, Preference | Feedback):
+        raise UserError(f"`{slot}:` mixes preference pairs and unpaired Feedback rows; give the dpo algorithm "
+                        f"one kind per slot.")
     if wrong is not None:
         raise UserError(f"the dpo algorithm trains on preference pairs; `{slot}:` holds {type(wrong).__name__} rows. "
-                        f"Point it at a pair split (e.g. the built-in tasks' `preference`).")
+                        f"Point it at a pair split (e.g. the built-in tasks' `preference`), or, with the kto "
+                        f"objective, at unpaired rows (the `unpaired` split, or a file with schema: unpaired).")
     return rows
 
 
@@ -78,9 +86,6 @@ class DirectPreference(L.LightningModule):
         for constraint in self.constraints:
             if hasattr(constraint, "bind"):
                 constraint.bind(self)
-        if self.needs_mismatched and (config.online is not None or config.reference_logps == "precompute"):
-            raise UserError("the kto objective scores mismatched pairs with the reference at every step: use it "
-                            "offline with algorithm.reference_logps: on-the-fly")
         self.reward = context.component("reward")
         if config.online is not None:
             if self.reward is None:
@@ -92,13 +97,22 @@ class DirectPreference(L.LightningModule):
             self.rows: list[Any] = [self._prompt_of(r) for r in context.component("data").rows()]  # prompts
         else:
             self.rows = _pairs(context.component("data").rows(), "data")
+        self.unpaired = bool(self.rows) and isinstance(self.rows[0], Feedback)  # KTO on Feedback rows: unpaired.py
+        if self.unpaired:
+            unpaired.check_objective(self.objective, context.slots["objective"].name)
+        elif self.needs_mismatched and (config.online is not None or config.reference_logps == "precompute"):
+            raise UserError("the kto objective on preference pairs scores mismatched pairs with the reference at "
+                            "every step: use it offline with algorithm.reference_logps: on-the-fly (on unpaired "
+                            "rows it can precompute them)")
+        self.partners = unpaired.partners(len(self.rows), self.seed) if self.unpaired else []
         eval_data = context.component("eval_data")
         self.eval_rows = _pairs(eval_data.rows(), "eval_data") if eval_data else []
         prompts = context.component("eval_prompts")
         self.eval_prompts = [r.prompt for r in prompts.rows()][: config.eval_prompts] if prompts else []
         self.gold = context.component("gold")
         self.total_steps = total_steps(self.section, len(self.rows))
-        self.precomputed: torch.Tensor | None = None  # [N, 2] reference log-probs of chosen, rejected
+        # [N, 2] reference log-probs of chosen, rejected (unpaired rows: completion, mismatched pair)
+        self.precomputed: torch.Tensor | None = None
         self.precomputed_eval: torch.Tensor | None = None
         self.history: dict[str, Any] = {}
         self._last_time = time.perf_counter()
@@ -128,6 +142,8 @@ class DirectPreference(L.LightningModule):
     def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
         if self.config.online is not None:  # pairs are sampled in the step, on the device
             return {"index": torch.tensor([i for i, _ in items]), "prompts": [prompt for _, prompt in items]}
+        if self.unpaired:
+            return unpaired.encode(self, items)
         return self._encode([row for _, row in items]) | {"index": torch.tensor([i for i, _ in items])}
 
     @torch.no_grad()
@@ -226,6 +242,9 @@ class DirectPreference(L.LightningModule):
                 optimizer_step(self, self.section.gradient_clip)
                 return
             batch = sampled["batch"] | {"index": torch.arange(sampled["rows"])}
+        if self.unpaired:
+            self._finish_step(unpaired.backward(self, batch), batch["index"].shape[0])
+            return
         pairs = batch["index"].shape[0]
         world = self.trainer.world_size
         per_chunk = self.section.micro_batch_size
@@ -242,6 +261,10 @@ class DirectPreference(L.LightningModule):
                 self.manual_backward(term.loss * n / share)
             for name, value in {**term.metrics, **self._pair_metrics(preference)}.items():
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
+        self._finish_step({name: value / pairs for name, value in sums.items()}, pairs)
+
+    def _finish_step(self, means: dict[str, torch.Tensor], rows: int) -> None:
+        """After a step's backward passes: the optimizer step, constraints, logs, evaluation."""
         grad_norm = optimizer_step(self, self.section.gradient_clip)
         after: dict[str, float] = {}
         for constraint in self.constraints:
@@ -253,10 +276,10 @@ class DirectPreference(L.LightningModule):
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
             now = time.perf_counter()
             reduce = self.trainer.strategy.reduce
-            log_step(self, {**{f"train/{k}": reduce(v / pairs, reduce_op="mean") for k, v in sums.items()},
+            log_step(self, {**{f"train/{k}": reduce(v, reduce_op="mean") for k, v in means.items()},
                             **{f"train/{k}": v for k, v in getattr(self, "_online_log", {}).items()},
                             "train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0],
-                            "train/pairs_per_s": pairs * world * self.section.log_every_n_steps
+                            "train/pairs_per_s": rows * self.trainer.world_size * self.section.log_every_n_steps
                             / (now - self._last_time)})
             self._last_time = now
         if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
@@ -270,8 +293,11 @@ class DirectPreference(L.LightningModule):
         return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
 
     # ------------------------------------------------------------ reference
-    def _reference_table(self, rows: list[Preference]) -> torch.Tensor:
-        """``[N, 2]`` reference log-probs of the chosen and rejected response of each row."""
+    def _reference_table(self, rows: list[Preference] | list[Feedback], mismatched: bool = False) -> torch.Tensor:
+        """``[N, 2]`` reference log-probs of the chosen and rejected response of each row
+        (unpaired rows: see ``unpaired.reference_table``)."""
+        if rows and isinstance(rows[0], Feedback):
+            return unpaired.reference_table(self, rows, mismatched)
         out = []
         size = self.config.eval_batch_size
         for start in range(0, len(rows), size):
@@ -283,7 +309,7 @@ class DirectPreference(L.LightningModule):
         """Reference log-probs of every training and evaluation row, then the reference
         model is freed (its memory goes back before the first step)."""
         if self.precomputed is None:
-            self.precomputed = self._reference_table(self.rows)
+            self.precomputed = self._reference_table(self.rows, mismatched=True)
             self.precomputed_eval = self._reference_table(self.eval_rows)
         self._frozen.model = None
 
@@ -291,7 +317,9 @@ class DirectPreference(L.LightningModule):
     @torch.no_grad()
     def _evaluate(self, key: str) -> None:
         metrics: dict[str, float] = {}
-        if self.eval_rows:
+        if self.eval_rows and isinstance(self.eval_rows[0], Feedback):
+            metrics.update(unpaired.evaluate(self, self.eval_rows))
+        elif self.eval_rows:
             was = self.model.training
             self.model.eval()
             sums: dict[str, float] = {}
@@ -373,6 +401,9 @@ class DirectPreference(L.LightningModule):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.global_step}
+        if self.unpaired:  # what KTO's desirable_weight and undesirable_weight balance (docs/dpo.md)
+            desirable = sum(row.desirable for row in self.rows)
+            out |= {"desirable_rows": desirable, "undesirable_rows": len(self.rows) - desirable}
         for key, prefix in (("eval_before", "before_"), ("eval_after", "")):
             for name, value in (self.history.get(key) or {}).items():
                 out[f"{prefix}{name}"] = value

@@ -1,6 +1,8 @@
 """The direct preference objectives: each turns a :class:`rlhfkit.PreferenceBatch` into a
 :class:`rlhfkit.LossTerm` with one function of ``losses``. ``needs_reference = False``
-tells the ``dpo`` algorithm to skip the reference forward (SimPO, ORPO)."""
+tells the ``dpo`` algorithm to skip the reference forward (SimPO, ORPO);
+``accepts_unpaired = True`` that the objective also takes a :class:`rlhfkit.FeedbackBatch`
+of unpaired rows (KTO)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import LossTerm, PreferenceBatch
+from rlhfkit import FeedbackBatch, LossTerm, PreferenceBatch
 from rlhfkit.plugins.dpo import losses
 
 
@@ -79,17 +81,29 @@ class ORPO(_WithReference):
 
 
 class KTO(_WithReference):
-    """KTO on the pairs taken apart: every chosen response is a desirable example and
-    every rejected one an undesirable example (TRL's unpairing); the reference point
-    ``z0`` comes from mismatched (prompt, response) pairs of the batch."""
+    """KTO on unpaired rows (a :class:`FeedbackBatch`), or on pairs taken apart: every
+    chosen response is a desirable example and every rejected one an undesirable example
+    (TRL's unpairing). The reference point ``z0`` comes from the batch's mismatched
+    (prompt, completion) pairs."""
 
     needs_mismatched = True
+    accepts_unpaired = True
 
-    def __call__(self, batch: PreferenceBatch) -> LossTerm:
+    def __call__(self, batch: PreferenceBatch | FeedbackBatch) -> LossTerm:
+        if isinstance(batch, PreferenceBatch):
+            batch = _taken_apart(batch)
         c = self.config
         z0 = losses.kto_reference_point(batch.mismatched, batch.ref_mismatched)
-        delta = torch.cat([batch.chosen - batch.ref_chosen, batch.rejected - batch.ref_rejected])
-        desirable = torch.arange(delta.shape[0], device=delta.device) < batch.chosen.shape[0]
-        per_row = losses.kto(delta, desirable, z0, c.beta, c.desirable_weight, c.undesirable_weight)
+        per_row = losses.kto(losses.log_ratio(batch.logps, batch.ref_logps), batch.desirable, z0, c.beta,
+                             c.desirable_weight, c.undesirable_weight)
         loss = per_row.mean()
         return LossTerm(loss, {"dpo/loss": loss.detach(), "kto/z0": z0})
+
+
+def _taken_apart(batch: PreferenceBatch) -> FeedbackBatch:
+    """The ``2B`` responses of ``B`` pairs as unpaired rows: chosen ones desirable."""
+    chosen = torch.ones_like(batch.chosen, dtype=torch.bool)
+    return FeedbackBatch(torch.cat([batch.chosen, batch.rejected]),
+                         torch.cat([batch.chosen_tokens, batch.rejected_tokens]),
+                         torch.cat([chosen, ~chosen]), torch.cat([batch.ref_chosen, batch.ref_rejected]),
+                         batch.mismatched, batch.ref_mismatched)

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import Preference, Row, UserError
+from rlhfkit import Feedback, Preference, Row, UserError
 
 T = TypeVar("T")
 
@@ -27,6 +27,11 @@ COMMON_SPLITS: dict[str, str] = {
     "preference-eval": "held-out Preference pairs, labelled with the same noise",
     "preference-gold": "the preference-eval pairs labelled without noise (the better one chosen)",
     "ranking": "Ranking rows: ranking_k completions per prompt ranked by gold score, with ties",
+    "unpaired": "Feedback rows: one completion per prompt, desirable or not by the gold scorer "
+                "against desirable_threshold, with Bradley-Terry noise",
+    "unpaired-eval": "held-out Feedback rows, labelled with the same noise",
+    "unpaired-gold": "the unpaired-eval rows labelled without noise (desirable when gold > "
+                     "desirable_threshold)",
     "prompts": "Prompt rows for reinforcement learning",
     "prompts-eval": "held-out Prompt rows for evaluating a policy",
 }
@@ -40,7 +45,8 @@ class TaskSettings(BaseModel):
     seed: int = Field(0, description="generation seed: the same seed gives the same data")
     sft_size: int = Field(2000, ge=1, description="rows of the sft split")
     pretrain_size: int = Field(2000, ge=1, description="rows of the pretrain split")
-    preference_size: int = Field(2000, ge=1, description="pairs in the preference split")
+    preference_size: int = Field(2000, ge=1, description="pairs in the preference split, and "
+                                 "labelled completions in the unpaired split")
     ranking_size: int = Field(500, ge=1, description="prompts in the ranking split")
     prompts_size: int = Field(512, ge=1, description="rows of the prompts split")
     eval_size: int = Field(
@@ -131,6 +137,22 @@ def label_pair(rng: random.Random | None, prompt: str, a: str, b: str, gold_a: f
     if a_chosen:
         return Preference(prompt=prompt, chosen=a, rejected=b, margin=margin)
     return Preference(prompt=prompt, chosen=b, rejected=a, margin=margin)
+
+
+def label_feedback(rng: random.Random | None, prompt: str, completion: str, gold: float,
+                   threshold: float, settings: TaskSettings) -> Feedback:
+    """Label one completion on its own (thumbs up or down) like a noisy annotator.
+
+    With ``rng`` it is desirable with probability ``sigmoid((gold - threshold) /
+    label_temperature)``: the Bradley-Terry label of a comparison with an answer whose gold
+    score is ``threshold``, the noise of :func:`label_pair`. With ``rng=None`` the label is
+    noiseless (desirable when ``gold > threshold``; callers avoid exact ties).
+    """
+    if rng is None:
+        desirable = gold > threshold
+    else:
+        desirable = rng.random() < sigmoid((gold - threshold) / settings.label_temperature)
+    return Feedback(prompt=prompt, completion=completion, desirable=desirable)
 
 
 def dense_ranks(scores: Sequence[float], precision: float) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ from rlhfkit.plugins.tasks.common import (
     TaskSettings,
     cycle_sample,
     dense_ranks,
+    label_feedback,
     label_pair,
     split_rng,
 )
@@ -79,6 +80,10 @@ class KnowledgeConfig(TaskSettings):
     introduce_all_entities: bool = Field(True, description="pretrain also states that every "
                                          "entity exists ('zorlivak is a person .'), so untaught "
                                          "names are familiar words, not unseen ones")
+    desirable_threshold: float = Field(-2.0, description="unpaired splits: an answer is desirable "
+                                       "with probability sigmoid((gold - threshold) / "
+                                       "label_temperature); -2 puts wrong answers (-4) below it, "
+                                       "correct ones (+1) and 'i do not know .' (0) above")
 
 
 class KnowledgeTask:
@@ -184,6 +189,14 @@ class KnowledgeTask:
             return (label_pair(labels, *self._pair(pair_rng, unknown), c) for _ in range(size))
         if split == "ranking":
             return (self._ranking(rng) for _ in range(c.ranking_size))
+        if split in ("unpaired", "unpaired-eval", "unpaired-gold"):
+            # unpaired-gold relabels the unpaired-eval answers without noise.
+            source = "unpaired-eval" if split == "unpaired-gold" else split
+            unknown = "unknown-train" if split == "unpaired" else "unknown-eval"
+            size = c.preference_size if split == "unpaired" else c.eval_size
+            labels = None if split == "unpaired-gold" else self._rng(f"{split}/labels")
+            return (label_feedback(labels, *row, c.desirable_threshold, c)
+                    for row in self._answers(self._rng(source), unknown, size))
         if split in ("prompts", "prompts-eval"):
             unknown = "unknown-train" if split == "prompts" else "unknown-eval"
             n = c.prompts_size if split == "prompts" else c.eval_size
@@ -212,6 +225,17 @@ class KnowledgeTask:
         a, b = pair
         return (question(entity, attribute), a, b,
                 world.gold(entity, attribute, a), world.gold(entity, attribute, b))
+
+    def _answers(self, rng: random.Random, unknown_group: str, n: int) -> Iterator[tuple[str, str, float]]:
+        """``n`` single answers ``(prompt, answer, gold)``: one side of a :meth:`_pair`
+        (30% correct, 30% "i do not know", 40% wrong), redrawn when its gold equals the
+        threshold exactly (no label is right for it)."""
+        made = 0
+        while made < n:
+            prompt, answer, _, score, _ = self._pair(rng, unknown_group)
+            if score != self.config.desirable_threshold:
+                made += 1
+                yield prompt, answer, score
 
     def _ranking(self, rng: random.Random) -> Ranking:
         """``ranking_k`` answers ranked by gold: for a known entity the correct answer,

@@ -28,12 +28,15 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
+from pydantic import Field
+
 from rlhfkit import Prompt, PromptCompletion, Ranking, Row
 from rlhfkit.plugins.tasks.common import (
     COMMON_SPLITS,
     LazySplits,
     TaskSettings,
     dense_ranks,
+    label_feedback,
     label_pair,
     split_rng,
 )
@@ -61,7 +64,12 @@ _MAX_REDRAWS = 100
 
 
 class ReviewsConfig(TaskSettings):
-    """Settings of the reviews task (all shared with the other built-in tasks)."""
+    """Settings of the reviews task (the shared ones, and the threshold of unpaired labels)."""
+
+    desirable_threshold: float = Field(
+        0.5, description="unpaired splits: a completion is desirable with probability "
+                         "sigmoid((gold - threshold) / label_temperature); 0.5 is about the median "
+                         "gold of the candidates")
 
 
 class ReviewsTask:
@@ -166,9 +174,29 @@ class ReviewsTask:
                     for pair in self._pairs(source, size))
         if split == "ranking":
             return self._rankings(self._rng(split), c.ranking_size)
+        if split in ("unpaired", "unpaired-eval", "unpaired-gold"):
+            # unpaired-gold relabels the unpaired-eval completions without noise.
+            source = "unpaired-eval" if split == "unpaired-gold" else split
+            size = c.preference_size if split == "unpaired" else c.eval_size
+            labels = None if split == "unpaired-gold" else self._rng(f"{split}/labels")
+            return (label_feedback(labels, *row, c.desirable_threshold, c)
+                    for row in self._completions(source, size))
         size = c.prompts_size if split == "prompts" else c.eval_size
         rng = self._rng(split)
         return (Prompt(self._prompt(rng)[0]) for _ in range(size))
+
+    def _completions(self, split: str, n: int) -> Iterator[tuple[str, str, float]]:
+        """``n`` single candidates ``(prompt, completion, gold)``; a candidate whose gold
+        equals the threshold exactly is redrawn (no label is right for it)."""
+        rng = self._rng(split)
+        made = 0
+        while made < n:
+            prompt, product = self._prompt(rng)
+            completion = candidate(rng, product)
+            score = gold(prompt, completion)
+            if score != self.config.desirable_threshold:
+                made += 1
+                yield prompt, completion, score
 
     def _rankings(self, rng: random.Random, n: int) -> Iterator[Ranking]:
         for _ in range(n):
