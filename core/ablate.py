@@ -404,9 +404,12 @@ def _write_table(root: Path, ablation: Ablation, keys: list[str], rows: list[dic
     table.add_column("variant")
     for key in keys:
         table.add_column(key, justify="right")
-    for row in rows:
-        table.add_row(row["variant"], *(_cell(row[k], row["seeds"]) for k in keys))
-    console.print(table)
+    cells = [[row["variant"], *(_cell(row[k], row["seeds"]) for k in keys)] for row in rows]
+    for cell_row in cells:
+        table.add_row(*cell_row)
+    # wide enough for full metric names and values: a terminal narrower than that scrolls
+    widths = [max(len(text) for text in column) for column in zip(["variant", *keys], *cells, strict=True)]
+    console.print(table, width=max(console.width, sum(widths) + 3 * len(widths) + 1))
     with open(_fresh(root / "table.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["variant", "seeds", *[f"{k}_{part}" for k in keys for part in ("mean", "std")]])

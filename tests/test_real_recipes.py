@@ -47,12 +47,12 @@ def test_recipe_validates_without_the_files(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no models/ or data/ here: files are only looked for at run time
     recipe = PLUGINS.load_recipe(path)
     assert all(stage.trainer.accelerator == "gpu" and stage.trainer.precision == "bf16-mixed"
-               for stage in recipe.stages)
+               for stage in recipe.stages if stage.algorithm.name != "evaluate")  # nothing to train there
 
 
 def test_pipeline_splits_the_training_rows_20_40_40():
     stages = stage_data(PIPELINE)
-    assert list(stages) == ["sft", "rm", "ppo"]
+    assert list(stages) == ["sft", "rm", "ppo", "report"]
     assert stages["sft"]["policy"]["path"] == "models/opt-1.3b"
     assert stages["rm"]["backbone"]["path"] == "models/opt-350m"
     data = [stages[name]["data"] for name in ("sft", "rm", "ppo")]
@@ -140,6 +140,8 @@ SHRINK = {
             "algorithm.max_prompt_length=16", "algorithm.sampling.max_new_tokens=6",
             "algorithm.eval_prompts=2", "algorithm.sample_prompts=1", "reward.max_length=32",
             "estimator.optimizer.warmup_steps=1"],
+    "evaluate": ["algorithm.prompts=2", "algorithm.max_prompt_length=16", "algorithm.max_new_tokens=4",
+                 "algorithm.max_length=32", "reward.max_length=32", "text.limit=4", "pairs.limit=4"],
     "dpo": ["algorithm.max_length=32", "algorithm.warmup_steps=1", "algorithm.max_new_tokens=4",
             "eval_data.limit=4", "eval_prompts.limit=2"],
 }
@@ -169,6 +171,10 @@ def test_recipe_runs_on_tiny_stand_ins(path, stand_ins, tmp_path, monkeypatch):
     assert list(summaries) == [stage.name for stage in recipe.stages]
     for stage in recipe.stages:
         stage_dir = tmp_path / "run" / stage.name
+        if stage.algorithm.name == "evaluate":  # SFT and PPO side by side: a report, no model
+            assert {"sft/proxy", "ppo/kl", "rm/accuracy"} <= set(summaries[stage.name])
+            assert (stage_dir / "report.json").is_file()
+            continue
         assert (stage_dir / "export" / "config.json").is_file()
         # One epoch of batch 4 over the stage's portion: the step count shows the rows used
         # (PPO: 4 prompts per iteration, one update each).
@@ -180,7 +186,7 @@ def test_the_three_portions_partition_the_training_rows(stand_ins, monkeypatch):
     monkeypatch.chdir(stand_ins)
     recipe = PLUGINS.load_recipe(PIPELINE)
     prompts = {}
-    for stage in recipe.stages:
+    for stage in recipe.stages[:3]:  # sft, rm, ppo (the report reads the test files)
         rows = PLUGINS.registry.build(stage.slots["data"], None).rows()
         prompts[stage.name] = {row.prompt for row in rows}
         assert len(rows) == len(prompts[stage.name])  # the stand-in prompts are unique
