@@ -376,9 +376,26 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
                 add(f"{prefix}.{dotted}", f"names stage {value!r}, which is not an earlier stage",
                     f"earlier stages: {', '.join(earlier) or 'none'}")
         stages.append(stage)
+    _same_processes_after_launch(stages, add)
     if problems:
         raise RecipeError(problems)
     return Recipe(path=path, run=shell.run, stages=stages, data=data)
+
+
+def _same_processes_after_launch(stages: list[Stage], add: Any) -> None:
+    """The first stage on several devices launches the run's processes, and they stay for
+    every later stage: a later stage must use as many (earlier ones may use one)."""
+    launched: Stage | None = None
+    for stage in stages:
+        if launched is None:
+            launched = stage if stage.trainer.world_size > 1 else None
+        elif stage.trainer.world_size != launched.trainer.world_size:
+            n = launched.trainer.world_size
+            add(f"stages.{stage.name}.trainer",
+                f"runs on {stage.trainer.world_size} device(s) after stage {launched.name!r} launched {n} processes; "
+                f"every stage after the first multi-device one runs in those {n} processes",
+                f"set devices (and num_nodes) of stage {stage.name!r} to match ({n} in all), an evaluation "
+                f"stage too; stages before {launched.name!r} may use one device")
 
 
 def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str, add: Any) -> Any:

@@ -131,6 +131,25 @@ def test_stage_reference_must_name_an_earlier_stage(tmp_path, registry):
     assert "earlier stages: first" in problem.hint
 
 
+def test_stages_after_the_first_multi_device_one_use_as_many_devices(tmp_path, registry):
+    path = write(tmp_path, "r.yaml", GOOD)
+    # a single-device stage before a multi-device one is fine: the processes start there
+    load_recipe(path, registry, overrides=["stages.second.trainer.devices=2"])
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, registry, overrides=["stages.first.trainer.devices=2",
+                                               "stages.first.trainer.micro_batch_size=4"])
+    (problem,) = info.value.problems
+    assert problem.path == "stages.second.trainer"
+    assert "after stage 'first' launched 2 processes" in problem.message
+    assert "to match (2 in all)" in problem.hint
+
+
+def test_a_stage_set_to_null_is_removed(tmp_path, registry):
+    recipe = load_recipe(write(tmp_path, "r.yaml", GOOD), registry, overrides=["stages.second=null"])
+    assert [s.name for s in recipe.stages] == ["first"]
+    assert "second" not in recipe.data["stages"]
+
+
 def test_extends_files_and_presets_with_provenance(tmp_path, registry):
     write(tmp_path, "base.yaml", GOOD)
     child = write(tmp_path, "child.yaml", """
