@@ -26,6 +26,7 @@ import torch
 from rlhfkit import StageContext, UserError, logprobs_from_logits, positions_from_mask
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugins.evaluate import EvaluateConfig
+from rlhfkit.plugins.sft.module import token_nll
 
 REPORT_NAME = "report.json"
 
@@ -87,9 +88,9 @@ class Evaluate:
             mover(self.device)
         shown = self.prompts[: self.config.samples]
         answers: dict[str, list[str]] = {}
+        scores: dict[str, dict[str, torch.Tensor]] = {}  # model -> {gold|proxy: [prompts] scores}
         for label, policy in zip(self.labels, self.models, strict=True):
-            metrics, answers[label] = self._measure(policy)
-            self.results[label] = metrics
+            self.results[label], answers[label], scores[label] = self._measure(policy)
         if self.reward is not None and self.pairs:
             chosen = self._score(self.reward, [p.prompt for p in self.pairs], [p.chosen for p in self.pairs])
             rejected = self._score(self.reward, [p.prompt for p in self.pairs], [p.rejected for p in self.pairs])
@@ -98,13 +99,11 @@ class Evaluate:
             for label in self.labels:
                 response = answers[label][i]
                 row = {"prompt": prompt, "model": label, "response": response}
-                for name, source in (("gold", self.gold), ("proxy", self.reward)):
-                    if source is not None:
-                        row[name] = float(source.score([prompt], [response])[0])
-                self.sample_rows.append(row)
+                self.sample_rows.append(row | {name: float(values[i]) for name, values in scores[label].items()})
 
     @torch.no_grad()
-    def _measure(self, policy: Any) -> tuple[dict[str, float], list[str]]:
+    def _measure(self, policy: Any) -> tuple[dict[str, float], list[str], dict[str, torch.Tensor]]:
+        """The model's metrics, its greedy answers and their ``gold`` / ``proxy`` scores."""
         c = self.config
         torch.manual_seed(self.seed)
         answers: list[str] = []
@@ -124,17 +123,15 @@ class Evaluate:
                     own = _response_logprobs(policy.model, ids, mask, sampled, sampled_mask)
                     ref = _response_logprobs(self.reference.model, ids, mask, sampled, sampled_mask)
                     kls.append((own - ref).sum(1))
-        metrics: dict[str, float] = {}
-        if self.gold is not None:
-            metrics["gold"] = float(self._score(self.gold, self.prompts, answers).mean())
-        if self.reward is not None:
-            metrics["proxy"] = float(self._score(self.reward, self.prompts, answers).mean())
+        scores = {name: self._score(source, self.prompts, answers)
+                  for name, source in (("gold", self.gold), ("proxy", self.reward)) if source is not None}
+        metrics = {name: float(values.mean()) for name, values in scores.items()}
         if kls:
             metrics["kl"] = float(torch.cat(kls).mean())
         metrics["length"] = float(torch.cat(lengths).mean())
         if self.text:
             metrics["perplexity"] = self._perplexity(policy)
-        return metrics, answers
+        return metrics, answers, scores
 
     def _score(self, source: Any, prompts: list[str], responses: list[str]) -> torch.Tensor:
         size = self.config.batch_size
@@ -144,17 +141,16 @@ class Evaluate:
 
     @torch.no_grad()
     def _perplexity(self, policy: Any) -> float:
-        nll = torch.zeros((), dtype=torch.float64)
-        tokens = 0.0
+        """As the sft stage measures held-out perplexity (its ``token_nll``)."""
+        nll = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
         for start in range(0, len(self.text), self.config.batch_size):
             rows = self.text[start:start + self.config.batch_size]
             batch = policy.tokenize_pairs([r.prompt for r in rows], [r.completion for r in rows],
                                           self.config.max_length)
-            logits = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logprobs = logprobs_from_logits(logits[:, :-1].float(), batch["input_ids"][:, 1:])
-            labels = batch["labels_mask"][:, 1:].to(logprobs.dtype)
-            nll -= (logprobs * labels).sum().double().cpu()
-            tokens += float(labels.sum())
+            part_nll, part_tokens = token_nll(policy.model, batch)
+            nll += part_nll
+            tokens += part_tokens
         return float(torch.exp(nll / tokens))
 
     # ------------------------------------------------------------------ output

@@ -40,6 +40,16 @@ def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
                     f"not {type(row).__name__}; point `data:` at such a dataset.")
 
 
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the labelled tokens of ``batch`` (``input_ids``, ``attention_mask``,
+    ``labels_mask``, as ``tokenize_pairs`` makes them) and their count. Token t+1 is
+    predicted from tokens <= t, so the labels mask is shifted by one."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logprobs = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+    mask = batch["labels_mask"][:, 1:].to(logprobs.dtype)
+    return -(logprobs * mask).sum(), mask.sum()
+
+
 def sample_prompt(row: PromptCompletion) -> PromptCompletion:
     """A row to sample from: text rows (pretraining) have no prompt, so their first three
     words serve as one."""
@@ -87,12 +97,7 @@ class SFT(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed NLL of the labelled tokens and their count. Token t+1 is predicted from
-        tokens <= t, so the labels mask is shifted by one."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logprobs = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
-        mask = batch["labels_mask"][:, 1:].to(logprobs.dtype)
-        return -(logprobs * mask).sum(), mask.sum()
+        return token_nll(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         strategy = self.trainer.strategy
