@@ -28,6 +28,7 @@ interrupted one resumes from its checkpoint. Run directory::
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -49,7 +50,16 @@ from rich.table import Table
 
 from rlhfkit.errors import Problem, RecipeError, UserError
 from rlhfkit.files import atomic_write_text
-from rlhfkit.recipe import Recipe, apply_override, checked, compose, deep_merge, read_yaml, set_value
+from rlhfkit.recipe import (
+    Recipe,
+    apply_override,
+    checked,
+    compose,
+    compose_parent,
+    deep_merge,
+    read_yaml,
+    set_value,
+)
 from rlhfkit.registry import error_message
 
 SHARED = "_shared"
@@ -132,7 +142,7 @@ def load_ablation(path: str | Path, plugins: Any, seeds: int | None = None, over
     root = Path(spec.dir) if spec.dir else Path("runs") / "ablations" / (spec.name or path.stem)
     base_path = path.parent / spec.recipe
     base, base_origins = compose(base_path, plugins.presets)
-    first_seed = int(base.get("run", {}).get("seed", 0)) if isinstance(base.get("run"), dict) else 0
+    first_seed = int((base.get("run") or {}).get("seed", 0))
     seed_list = [first_seed + i for i in range(seeds or spec.seeds)]
     problems: list[Problem] = []
     recipes: dict[tuple[str, int], Recipe] = {}
@@ -150,7 +160,7 @@ def load_ablation(path: str | Path, plugins: Any, seeds: int | None = None, over
             problems.append(Problem(where, f"variants.{name}", str(exc)))
             continue
         for seed in seed_list:
-            seeded = json.loads(json.dumps(data))
+            seeded = copy.deepcopy(data)
             seeded.setdefault("run", {}).update({"seed": seed, "dir": str(root / f"seed-{seed}" / name),
                                                  "name": f"{root.name}-{name}-seed{seed}"})
             try:
@@ -180,21 +190,15 @@ def load_ablation(path: str | Path, plugins: Any, seeds: int | None = None, over
 
 def _variant_data(path: Path, base: dict, base_origins: dict, spec: AblationFile, name: str, variant: Variant,
                   presets: dict[str, dict]) -> tuple[dict, dict]:
-    data = json.loads(json.dumps(base))
+    data = copy.deepcopy(base)
     origins = dict(base_origins)
     for parent in variant.extends:
-        if parent.startswith("preset:"):
-            preset = parent[len("preset:"):]
-            if preset not in presets:
-                known = ", ".join(sorted(presets)) or "none installed"
-                raise UserError(f"extends unknown preset {preset!r}; presets: {known}")
-            layer = presets[preset]
-        else:
-            layer, _ = compose(path.parent / parent, presets)
-        data = deep_merge(data, json.loads(json.dumps(layer)))
+        layer, layer_origins = compose_parent(parent, path, presets)
+        data = deep_merge(data, copy.deepcopy(layer))
+        origins.update(layer_origins)
     for source, settings in ((f"{path}: set", spec.set), (f"{path}: variants.{name}.set", variant.set)):
         for dotted, value in settings.items():
-            set_value(data, dotted, json.loads(json.dumps(value)))
+            set_value(data, dotted, copy.deepcopy(value))
             origins[dotted] = source
     return data, origins
 
@@ -214,7 +218,7 @@ def plan(ablation: Ablation) -> list[Job]:
         shared_job = None
         if shared:
             first = ablation.recipes[(next(iter(ablation.spec.variants)), seed)]
-            data = json.loads(json.dumps(first.data))
+            data = copy.deepcopy(first.data)
             data["stages"] = {k: v for k, v in data["stages"].items() if k in shared}
             data["run"]["dir"] = str(seed_dir / SHARED)
             shared_job = Job(f"seed {seed} shared ({', '.join(shared)})", recipe_dir / f"seed-{seed}-{SHARED}.yaml",
@@ -321,20 +325,20 @@ def collect(ablation: Ablation, console: Console) -> list[dict[str, Any]]:
     for variant in variants:
         compared = ablation.stage_of(variant)
         for seed in ablation.seeds:
-            recipe = ablation.recipes[(variant, seed)]
-            for stage in recipe.stages:
-                metrics = recipe.run_dir / stage.name / "metrics.csv"
-                for step, metric, value in _read_metrics(metrics):
+            run_dir = ablation.recipes[(variant, seed)].run_dir
+            summaries = {}  # finished stages
+            for stage in ablation.recipes[(variant, seed)].stages:
+                for step, metric, value in _read_metrics(run_dir / stage.name / "metrics.csv"):
                     long_rows.append((variant, seed, stage.name, step, metric, value))
                     if stage.name == compared:
                         curves[metric][variant].setdefault(seed, {})[step] = value
-            done = recipe.run_dir / compared / DONE_NAME
-            if done.is_file():
-                summary = json.loads(done.read_text())["summary"]
-                own = sum(json.loads((recipe.run_dir / s.name / DONE_NAME).read_text())["summary"].get("wall_time_s", 0)
-                          for s in recipe.stages if s.name not in ablation.shared[seed]
-                          and (recipe.run_dir / s.name / DONE_NAME).is_file())
-                finals[variant].append({**summary, "wall_time_s": own})
+                done = run_dir / stage.name / DONE_NAME
+                if done.is_file():
+                    summaries[stage.name] = json.loads(done.read_text())["summary"]
+            if compared in summaries:  # wall time: the variant's own stages, not the shared ones
+                own = sum(summary.get("wall_time_s", 0) for name, summary in summaries.items()
+                          if name not in ablation.shared[seed])
+                finals[variant].append({**summaries[compared], "wall_time_s": own})
     with open(_fresh(root / "metrics.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["variant", "seed", "stage", "step", "metric", "value"])

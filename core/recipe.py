@@ -247,19 +247,25 @@ def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for parent in parents:
-        if str(parent).startswith("preset:"):
-            name = str(parent)[len("preset:"):]
-            if name not in presets:
-                known = ", ".join(sorted(presets)) or "none installed"
-                raise UserError(f"{path}: extends unknown preset {name!r}; presets: {known}.")
-            layer, layer_origins = presets[name], _origins_of(presets[name], f"preset:{name}")
-        else:
-            layer, layer_origins = compose(path.parent / str(parent), presets, (*_seen, key))
+        layer, layer_origins = compose_parent(str(parent), path, presets, (*_seen, key))
         merged = deep_merge(merged, layer)
         origins.update(layer_origins)
     merged = deep_merge(merged, data)
     origins.update(_origins_of(data, str(path)))
     return merged, origins
+
+
+def compose_parent(parent: str, path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()
+                   ) -> tuple[dict, dict]:
+    """One entry of ``path``'s ``extends:``: ``preset:NAME`` or a recipe file relative to
+    ``path``; its data and ``{dotted path: origin}``."""
+    if parent.startswith("preset:"):
+        name = parent[len("preset:"):]
+        if name not in presets:
+            known = ", ".join(sorted(presets)) or "none installed"
+            raise UserError(f"{path}: extends unknown preset {name!r}; presets: {known}.")
+        return presets[name], _origins_of(presets[name], f"preset:{name}")
+    return compose(path.parent / parent, presets, _seen)
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

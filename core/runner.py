@@ -149,13 +149,7 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
-        export_dir = stage_dir / "export"
-        module.export(export_dir)
-        summary = {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2),
-                   "export": str(export_dir)}
-        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
-        atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary}))
-        hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
+        summary = finish_stage(module, stage, stage_dir, fingerprint, started, hook)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         summary = json.loads((stage_dir / DONE_NAME).read_text())["summary"]
@@ -171,12 +165,22 @@ def run_evaluation(module: Any, stage: Stage, stage_dir: Path, fingerprint: str,
         console.print(f"[bold]stage {stage.name}[/] ({stage.algorithm.name}): evaluating")
     started = time.perf_counter()
     module.run()
-    summary = {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2)}
     if main:
-        module.export(stage_dir / "export")
-        atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
-        atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary}))
-        hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
+        return finish_stage(module, stage, stage_dir, fingerprint, started, hook)
+    return {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2)}
+
+
+def finish_stage(module: Any, stage: Stage, stage_dir: Path, fingerprint: str, started: float,
+                 hook: Any) -> dict[str, Any]:
+    """On rank 0: export, then summary.json and, written last, DONE.json; returns the summary."""
+    export_dir = stage_dir / "export"
+    module.export(export_dir)
+    summary = {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    if export_dir.is_dir():  # an evaluation stage writes a report, not a model
+        summary["export"] = str(export_dir)
+    atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary}))
+    hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
     return summary
 
 
