@@ -31,7 +31,7 @@ from rlhfkit import (
     step_loader,
     total_steps,
 )
-from rlhfkit.plugins.dpo import DPOConfig, unpaired
+from rlhfkit.plugins.dpo import DPOConfig, evaluation, unpaired
 
 
 def _pairs(rows: Any, slot: str) -> list[Preference] | list[Feedback]:
@@ -214,25 +214,6 @@ class DirectPreference(L.LightningModule):
                 batch.ref_chosen, batch.ref_rejected = ref[:b], ref[b:]
         return batch
 
-    @staticmethod
-    def _pair_metrics(batch: PreferenceBatch) -> dict[str, torch.Tensor]:
-        """Implicit rewards ``log π − log ref`` (SimPO/ORPO: mean token log-probs)."""
-        with torch.no_grad():
-            if batch.ref_chosen is not None:
-                chosen = batch.chosen - batch.ref_chosen
-                rejected = batch.rejected - batch.ref_rejected
-            else:
-                chosen = batch.chosen / batch.chosen_tokens.clamp(min=1)
-                rejected = batch.rejected / batch.rejected_tokens.clamp(min=1)
-            out = {"rewards/accuracy": (chosen > rejected).float().mean(),
-                   "rewards/margin": (chosen - rejected).mean(),
-                   "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                   "logps/chosen": batch.chosen.mean(), "logps/rejected": batch.rejected.mean()}
-            if batch.ref_chosen is not None:  # sequence log-ratio to the reference on the data (k1)
-                out["kl/implicit"] = ((batch.chosen - batch.ref_chosen).mean()
-                                      + (batch.rejected - batch.ref_rejected).mean()) / 2
-        return out
-
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.config.online is not None:
@@ -259,7 +240,7 @@ class DirectPreference(L.LightningModule):
                 # this rank's pairs are averaged (and DDP averages the ranks)
                 share = pairs if self.config.online is not None else self.section.batch_size / world
                 self.manual_backward(term.loss * n / share)
-            for name, value in {**term.metrics, **self._pair_metrics(preference)}.items():
+            for name, value in {**term.metrics, **evaluation.pair_metrics(preference)}.items():
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
         self._finish_step({name: value / pairs for name, value in sums.items()}, pairs)
 
@@ -314,56 +295,11 @@ class DirectPreference(L.LightningModule):
         self._frozen.model = None
 
     # ------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _evaluate(self, key: str) -> None:
-        metrics: dict[str, float] = {}
-        if self.eval_rows and isinstance(self.eval_rows[0], Feedback):
-            metrics.update(unpaired.evaluate(self, self.eval_rows))
-        elif self.eval_rows:
-            was = self.model.training
-            self.model.eval()
-            sums: dict[str, float] = {}
-            for start in range(0, len(self.eval_rows), self.config.eval_batch_size):
-                rows = self.eval_rows[start:start + self.config.eval_batch_size]
-                batch = {k: v.to(self.device) for k, v in self._encode(rows).items()}
-                logps, tokens = self._sequence_logps(self.model, batch)
-                b = len(rows)
-                preference = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
-                if self.needs_reference and self.precomputed_eval is not None:
-                    ref = self.precomputed_eval[start:start + b].to(self.device)
-                    preference.ref_chosen, preference.ref_rejected = ref[:, 0], ref[:, 1]
-                elif self.needs_reference:
-                    ref = self._reference_logps(batch)
-                    preference.ref_chosen, preference.ref_rejected = ref[:b], ref[b:]
-                for name, value in self._pair_metrics(preference).items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * b
-            self.model.train(was)
-            metrics.update({name: value / len(self.eval_rows) for name, value in sums.items()})
-        if self.eval_prompts and self.gold is not None:
-            responses = self._answers(self.eval_prompts)
-            metrics["gold"] = float(self.gold.score(self.eval_prompts, responses).mean())
-            if hasattr(self.gold, "evaluate"):
-                task = self.gold.evaluate(self.eval_prompts, responses)
-                metrics.update({f"task/{k}": v for k, v in task.items() if k != "gold"})
+        metrics = evaluation.evaluate(self)
         if metrics:
             self.history[key] = metrics
             log_now(self, {f"eval/{name}": value for name, value in metrics.items()})
-
-    def _answers(self, prompts: list[str]) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(prompts), self.config.eval_batch_size):
-            out += self.policy.generate(prompts[start:start + self.config.eval_batch_size],
-                                        max_new_tokens=self.config.max_new_tokens, do_sample=False)
-        return out
-
-    def _samples(self, when: str) -> None:
-        prompts = self.eval_prompts[: self.config.sample_prompts]
-        if not prompts or not self.trainer.is_global_zero:
-            return
-        rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, self._answers(prompts),
-                                                                            strict=True)]
-        with open(self.stage_dir / "samples.jsonl", "w" if when == "before" else "a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
 
     def on_train_start(self) -> None:
         if self.reference is not None:
@@ -373,14 +309,14 @@ class DirectPreference(L.LightningModule):
             mover(self.device)
         if self.global_step == 0:
             self._evaluate("eval_before")
-            self._samples("before")
+            evaluation.write_samples(self, "before")
         if self.needs_reference and self.config.reference_logps == "precompute":
             self._precompute()
         self._last_time = time.perf_counter()
 
     def on_train_end(self) -> None:
         self._evaluate("eval_after")
-        self._samples("after")
+        evaluation.write_samples(self, "after")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dpo"] = {"history": json.dumps(self.history), "precomputed": self.precomputed,
