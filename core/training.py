@@ -52,7 +52,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ResumableCheckpoint(Callback):
-    """Writes ``checkpoints/last.ckpt`` every ``every`` optimizer steps and at the end."""
+    """Writes ``checkpoints/last.ckpt`` every ``every`` optimizer steps and at the end.
+
+    The checkpoint of step n is written after step n's metrics row (:func:`log_step`
+    writes it inside ``training_step``); on resume the rows an interrupted run logged past
+    the checkpoint are dropped from ``metrics.csv``, since those steps run again.
+    """
 
     def __init__(self, directory: Path, every: int, on_saved: Callable[[int, Path], None]):
         self.path = directory / CHECKPOINT_NAME
@@ -74,6 +79,12 @@ class ResumableCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MetricsCSV):
+                logger.truncate(int(checkpoint["global_step"]))
 
 
 class RNGState(Callback):
@@ -105,8 +116,11 @@ class RNGState(Callback):
 class MetricsCSV(Logger):
     """``metrics.csv``: one row per logged step, columns the union of metric names.
 
-    On resume, rows past the restored step are dropped (they were logged after the last
-    checkpoint by the interrupted run and will be logged again).
+    A new row is appended (one line, flushed); the file is rewritten atomically only when
+    a column appears, a row is completed (several logs at one step) or rows are dropped.
+    On resume, rows past the restored step are dropped (:meth:`truncate`): they were
+    logged after the last checkpoint by the interrupted run and will be logged again. A
+    line cut short by a kill is dropped when the file is read back.
     """
 
     def __init__(self, path: Path, on_row: Callable[[int, dict[str, float]], None]):
@@ -119,7 +133,7 @@ class MetricsCSV(Logger):
             with open(path, newline="") as handle:
                 reader = csv.DictReader(handle)
                 self.columns = list(reader.fieldnames or ["step"])
-                self.rows = list(reader)
+                self.rows = [row for row in reader if _complete(row, self.columns)]
 
     @property
     def name(self) -> str:
@@ -143,13 +157,18 @@ class MetricsCSV(Logger):
         step = int(metrics.pop("step", step or 0))
         metrics = {k: float(v) for k, v in metrics.items() if k != "epoch"}
         row = {"step": step, **metrics}
+        new_columns = [k for k in row if k not in self.columns]
+        self.columns += new_columns
         if self.rows and int(float(self.rows[-1]["step"])) == step:
             self.rows[-1].update(row)
+            self._write()
         else:
             self.rows.append(row)
-        new = [k for k in row if k not in self.columns]
-        self.columns += new
-        self._write()
+            if new_columns or not self.path.is_file():
+                self._write()
+            else:
+                with open(self.path, "a", newline="") as handle:
+                    csv.DictWriter(handle, fieldnames=self.columns).writerow(row)
         self.on_row(step, metrics)
 
     def _write(self) -> None:
@@ -160,6 +179,17 @@ class MetricsCSV(Logger):
             writer.writeheader()
             writer.writerows(self.rows)
         os.replace(tmp, self.path)
+
+
+def _complete(row: dict[str, Any], columns: list[str]) -> bool:
+    """A row read back whole: as many fields as the header and a numeric step."""
+    if None in row or any(row.get(name) is None for name in columns):
+        return False
+    try:
+        float(row["step"])
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class ConsoleLines(Callback):
@@ -337,10 +367,15 @@ def gradient_sync(module: L.LightningModule, last: bool) -> Any:
 
 
 def log_step(module: L.LightningModule, metrics: dict[str, Any]) -> None:
-    """Log a row of training metrics at the current optimizer step (under manual
-    optimization Lightning's own logging step lags the optimizer step by one)."""
-    module.log("step", float(module.global_step))
-    module.log_dict(metrics, prog_bar=True)
+    """Log a row of training metrics at the current optimizer step, after the step.
+
+    The row goes to the loggers at once (rank 0), so it is on disk before this step's
+    checkpoint (Lightning would log it after ``on_train_batch_end``, where the checkpoint
+    is written, and one step late under manual optimization); the progress bar and
+    ``trainer.callback_metrics`` get the values through ``module.log_dict``.
+    """
+    module.log_dict(metrics, prog_bar=True, logger=False)
+    log_now(module, dict(metrics))
 
 
 def log_now(module: L.LightningModule, metrics: dict[str, float]) -> None:

@@ -1,0 +1,105 @@
+"""The Lightning glue's own state: metrics.csv and the resumable checkpoint agree on
+which steps happened, whatever moment a kill lands."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from helpers import read_metrics
+
+from rlhfkit.training import MetricsCSV, ResumableCheckpoint, log_step
+
+
+def _steps(path):
+    return [int(float(row["step"])) for row in read_metrics(path)]
+
+
+def test_metrics_csv_appends_completes_and_widens(tmp_path):
+    path = tmp_path / "metrics.csv"
+    seen = []
+    log = MetricsCSV(path, on_row=lambda step, m: seen.append((step, m)))
+    log.log_metrics({"train/loss": 1.0}, step=1)
+    log.log_metrics({"train/loss": 0.5}, step=2)
+    log.log_metrics({"eval/ppl": 3.0}, step=2)          # completes row 2, adds a column
+    log.log_metrics({"train/loss": 0.25}, step=3)
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[1] == {"step": "2", "train/loss": "0.5", "eval/ppl": "3.0"}
+    assert rows[2] == {"step": "3", "train/loss": "0.25", "eval/ppl": ""}
+    assert seen[2] == (2, {"eval/ppl": 3.0})
+
+
+def test_metrics_csv_drops_a_cut_line_and_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = MetricsCSV(path, on_row=lambda *a: None)
+    for step in range(1, 6):
+        log.log_metrics({"a": float(step), "b": 2.0 * step}, step=step)
+    with open(path, "a") as handle:   # a kill in the middle of writing step 6
+        handle.write("6,6.0")
+    again = MetricsCSV(path, on_row=lambda *a: None)
+    assert [int(r["step"]) for r in again.rows] == [1, 2, 3, 4, 5]
+    again.truncate(3)
+    assert _steps(path) == [1, 2, 3]
+    again.log_metrics({"a": 4.5, "b": 9.0}, step=4)
+    assert _steps(path) == [1, 2, 3, 4]
+    assert read_metrics(path)[-1]["a"] == "4.5"
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = ((self.weight - batch[0]) ** 2).mean()
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        log_step(self, {"train/loss": loss.detach()})
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 3), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(tmp_path, callbacks, logger, steps):
+    return L.Trainer(max_steps=steps, logger=logger, callbacks=callbacks, accelerator="cpu",
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                     log_every_n_steps=1, default_root_dir=tmp_path)
+
+
+def test_a_checkpoint_is_written_after_its_steps_metrics_row_and_resume_leaves_no_duplicates(tmp_path):
+    """Whenever checkpoint n exists, metrics.csv already has row n: a kill right after the
+    checkpoint write loses no row. Resuming drops the rows logged past the checkpoint."""
+    path = tmp_path / "metrics.csv"
+    rows_at_save = {}
+
+    def on_saved(step, _):
+        rows_at_save[step] = _steps(path)
+
+    saver = ResumableCheckpoint(tmp_path / "checkpoints", 4, on_saved)
+    _trainer(tmp_path, [saver], MetricsCSV(path, on_row=lambda *a: None), 10).fit(_Tiny())
+    assert sorted(rows_at_save) == [4, 8, 10]
+    for step, steps in rows_at_save.items():
+        assert steps == list(range(1, step + 1)), step
+    clean = read_metrics(path)
+
+    # as if killed after step 10 was logged but with only checkpoint 8 on disk: resume from 8
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["global_step"] == 10
+    interrupted = tmp_path / "interrupted"
+    saver = ResumableCheckpoint(interrupted / "checkpoints", 4, lambda *a: None)
+    _trainer(interrupted, [saver], MetricsCSV(interrupted / "metrics.csv", on_row=lambda *a: None), 8).fit(_Tiny())
+    extra = MetricsCSV(interrupted / "metrics.csv", on_row=lambda *a: None)
+    extra.log_metrics({"train/loss": 123.0}, step=9)   # logged past the checkpoint, then killed
+    saver = ResumableCheckpoint(interrupted / "checkpoints", 4, lambda *a: None)
+    _trainer(interrupted, [saver], MetricsCSV(interrupted / "metrics.csv", on_row=lambda *a: None), 10).fit(
+        _Tiny(), ckpt_path=str(interrupted / "checkpoints" / "last.ckpt"))
+    resumed = read_metrics(interrupted / "metrics.csv")
+    assert [r["step"] for r in resumed] == [r["step"] for r in clean]
+    assert "123.0" not in [r["train/loss"] for r in resumed]
