@@ -332,3 +332,49 @@ def test_half_precision_dtype(context):
     policy = fresh(context, "llama", dtype="bfloat16")
     assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16}
     assert len(policy.generate([PROMPT], max_new_tokens=3, do_sample=True)) == 1
+
+
+# ------------------------------------------------------------------ fused activations
+
+
+def test_fused_gelu_computes_the_written_out_formula_and_exports_the_original_name(context, tmp_path):
+    """GPT-2's `gelu_new` (eight element-wise ops) runs as torch's fused tanh GELU: the
+    same logits to float rounding, the same gradients; the export still says gelu_new
+    and loads (fused again) to the same logits."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    fused = fresh(context)
+    written = fresh(context, fused_activations=False)
+    assert isinstance(fused.model.transformer.h[0].mlp.act, GELUTanh)
+    assert isinstance(written.model.transformer.h[0].mlp.act, NewGELUActivation)
+    for model in (fused.model, written.model):
+        scramble(model)
+        model.eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+    a, b = fused.model(input_ids=ids).logits, written.model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(fused.model.named_parameters(), written.model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+    fused.export(tmp_path / "export")
+    saved = GPT2Config.from_pretrained(tmp_path / "export")
+    assert saved.activation_function == "gelu_new"
+    assert fused.model.config.activation_function == "gelu_pytorch_tanh"   # the training model is untouched
+    again = build(context, path=str(tmp_path / "export"))
+    assert isinstance(again.model.transformer.h[0].mlp.act, GELUTanh)
+    again.model.eval()
+    torch.testing.assert_close(again.model(input_ids=ids).logits, a, rtol=0, atol=0)
+
+
+def test_activations_without_a_fused_form_are_left_alone(context):
+    from rlhfkit.plugins.policy.build import fuse_activations
+
+    config = GPT2Config(activation_function="relu")
+    assert fuse_activations(config) == {} and config.activation_function == "relu"
+    config = GPT2Config(activation_function="gelu_fast")
+    assert fuse_activations(config) == {"activation_function": "gelu_fast"}
+    assert config.activation_function == "gelu_pytorch_tanh"
+    llama = fresh(context, "llama")
+    assert llama.model.config.hidden_act == "silu" and llama.export_config == {}

@@ -110,6 +110,12 @@ class TransformersPolicyConfig(BaseModel):
                     "the recipe turns it on: only enable it for checkpoints you trust.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory.")
+    fused_activations: bool = Field(
+        True,
+        description="Run the tanh-approximate GELU written out in Python (`gelu_new`, `gelu_fast`: GPT-2, "
+                    "GPT-J, GPT-Neo, CodeGen, Phi) as torch's one-kernel `gelu(approximate='tanh')`: the "
+                    "same formula, equal up to float rounding; exports keep the original name. false: "
+                    "the checkpoint's own modules.")
     lora: LoraSettings | None = Field(
         None, description="Train low-rank adapters instead of all weights.")
 
