@@ -33,7 +33,7 @@ from rlhfkit.interfaces import (
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import OptimizerSettings, Recipe, SamplingSettings, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
-from rlhfkit.tokens import encode_pairs
+from rlhfkit.tokens import encode_pairs, encode_preferences
 
 # torch and lightning load only when a plugin first asks for these names, so that
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
@@ -41,7 +41,7 @@ _LAZY = {
     **{name: "rlhfkit.ops"
        for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "last_real_index",
                     "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
-                    "positions_from_mask", "whiten")},
+                    "positions_from_mask", "shared_prompt_mask", "whiten")},
     **{name: "rlhfkit.training"
        for name in ("gradient_sync", "log_now", "log_step", "micro_batches", "optimizer_step", "rank_seed",
                     "step_loader", "total_steps", "adamw")},
@@ -103,6 +103,7 @@ __all__ = [
     "atomic_directory",
     "atomic_write_text",
     "encode_pairs",
+    "encode_preferences",
     "entropy_from_logits",
     "gradient_sync",
     "hookimpl",
@@ -123,6 +124,7 @@ __all__ = [
     "positions_from_mask",
     "rank_seed",
     "ref",
+    "shared_prompt_mask",
     "step_loader",
     "total_steps",
     "whiten",

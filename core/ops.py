@@ -19,6 +19,22 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def shared_prompt_mask(segment: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, L] -> [B, 1, L, L]`` attention mask of the shared-prompt layout of
+    :func:`rlhfkit.encode_preferences` (segment 1 prompt, 2 chosen, 3 rejected, 0 padding):
+    causal, never to padding, never from the rejected response to the chosen one. Boolean
+    (True: attend), or with ``additive_dtype`` 0 where attended and the dtype's minimum
+    elsewhere (for attention that adds its mask to the scores)."""
+    length = segment.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = (causal & (key != 0) & ~((query == 3) & (key == 2)))[:, None]
+    if additive_dtype is None:
+        return allowed
+    blocked = torch.full((), torch.finfo(additive_dtype).min, dtype=additive_dtype, device=segment.device)
+    return torch.zeros((), dtype=additive_dtype, device=segment.device).where(allowed, blocked)
+
+
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     """``[N, L] -> [N]`` column of each row's last nonzero mask entry (left or right
     padding); 0 for an all-zero row."""

@@ -29,10 +29,69 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[s
     pairs = []
     for prompt, completion in zip(prompt_rows, completion_rows, strict=True):
         completion = (completion + eos)[:max_length]
-        keep = max_length - len(completion)
-        pairs.append((prompt[len(prompt) - keep:] if len(prompt) > keep else prompt, completion))
-    width = max(len(p) + len(c) for p, c in pairs)
+        pairs.append((_cut_prompt(prompt, max_length - len(completion)), completion))
+    return _padded(pairs, tokenizer.pad_token_id)
+
+
+def encode_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                       max_length: int, shared: bool) -> dict[str, list[list[int]]]:
+    """Encode preference pairs; both responses of a pair see the same prompt, cut on the
+    left so that it fits ``max_length`` with the longer of the two (each response + EOS is
+    cut as in :func:`encode_pairs`).
+
+    ``shared=False``: :func:`encode_pairs`'s ``[2B, L]`` layout, the chosen rows then the
+    rejected rows.
+
+    ``shared=True``: one ``[B, L]`` row per pair, ``prompt, chosen, rejected``, right-padded,
+    for one forward that computes the prompt once:
+        ``input_ids``; ``position_ids`` (the rejected response continues from the prompt,
+        as the chosen one does); ``segment``: 1 prompt, 2 chosen, 3 rejected, 0 padding
+        (attend causally, never to padding, and never from rejected to chosen);
+        ``chosen_target`` / ``rejected_target``: the columns of each response's tokens,
+        ``chosen_source`` / ``rejected_source``: the columns whose logits predict them
+        (the prompt's last token predicts both first tokens), ``chosen_scored`` /
+        ``rejected_scored``: 1 on tokens that have a predictor (all but a first token
+        after an empty prompt) — ``[B, T]`` each, 0-padded.
+    """
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
+    prompt_rows = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    responses = [[(row + eos)[:max_length] for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+                 for texts in (chosen, rejected)]
+    triples = [(_cut_prompt(p, max_length - max(len(c), len(r))), c, r)
+               for p, c, r in zip(prompt_rows, *responses, strict=True)]
     pad = tokenizer.pad_token_id
+    if not shared:
+        return _padded([(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], pad)
+    width = max(len(p) + len(c) + len(r) for p, c, r in triples)
+    longest = {"chosen": max(len(c) for _, c, _ in triples), "rejected": max(len(r) for _, _, r in triples)}
+    out: dict[str, list[list[int]]] = {name: [] for name in (
+        "input_ids", "position_ids", "segment", "chosen_target", "chosen_source", "chosen_scored",
+        "rejected_target", "rejected_source", "rejected_scored")}
+    for p, c, r in triples:
+        n, fill = len(p), width - len(p) - len(c) - len(r)
+        out["input_ids"].append(p + c + r + [pad] * fill)
+        out["position_ids"].append(list(range(n + len(c))) + list(range(n, n + len(r))) + [0] * fill)
+        out["segment"].append([1] * n + [2] * len(c) + [3] * len(r) + [0] * fill)
+        for side, response, start in (("chosen", c, n), ("rejected", r, n + len(c))):
+            targets = list(range(start, start + len(response)))
+            sources = [n - 1] + targets[:-1] if side == "rejected" else [t - 1 for t in targets]
+            scored = [int(s >= 0) for s in sources]
+            extra = longest[side] - len(response)
+            out[f"{side}_target"].append(targets + [0] * extra)
+            out[f"{side}_source"].append([max(s, 0) for s in sources] + [0] * extra)
+            out[f"{side}_scored"].append(scored + [0] * extra)
+    return out
+
+
+def _cut_prompt(prompt: list[int], keep: int) -> list[int]:
+    """The last ``keep`` tokens of ``prompt`` (none when ``keep <= 0``)."""
+    return prompt[len(prompt) - keep:] if len(prompt) > keep else prompt
+
+
+def _padded(pairs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, list[list[int]]]:
+    width = max(len(p) + len(c) for p, c in pairs)
     ids, attention, labels = [], [], []
     for prompt, completion in pairs:
         fill = width - len(prompt) - len(completion)

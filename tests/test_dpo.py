@@ -104,24 +104,27 @@ TINY_DPO = [
 ]
 
 
-def test_precomputed_reference_gives_the_same_run(tmp_path):
+def test_precomputed_reference_and_separate_rows_give_the_same_run(tmp_path):
     """Reference log-probs precomputed once (and the reference freed) train exactly as
-    computing them per batch does (dropout off, deterministic CPU)."""
+    computing them per batch does (dropout off, deterministic CPU); chosen and rejected as
+    two separate rows train as the shared-prompt row does, to float rounding."""
     losses_of = {}
-    for mode in ("on-the-fly", "precompute"):
-        out = tmp_path / mode
+    for mode, share in (("on-the-fly", "true"), ("precompute", "true"), ("on-the-fly", "false")):
+        out = tmp_path / f"{mode}-{share}"
         result = cli("run", DPO, *TINY_DPO, f"run.dir={out}", f"stages.dpo.algorithm.reference_logps={mode}",
-                     cwd=tmp_path)
+                     f"stages.dpo.algorithm.share_prompt={share}", cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not honour" not in result.stderr  # GPT-2 takes the shared-prompt mask
         rows = read_metrics(out / "dpo" / "metrics.csv")
-        losses_of[mode] = column(rows, "train/dpo/loss")
-        assert sorted(losses_of[mode]) == list(range(1, 7))
+        losses_of[mode, share] = column(rows, "train/dpo/loss")
+        assert sorted(losses_of[mode, share]) == list(range(1, 7))
         summary = json.loads((out / "dpo" / "summary.json").read_text())
         assert {"rewards/accuracy", "before_rewards/accuracy", "gold", "before_gold"} <= summary.keys()
         assert summary["before_rewards/margin"] == 0.0  # the policy starts as its reference
-    for step, value in losses_of["on-the-fly"].items():
-        assert losses_of["precompute"][step] == pytest.approx(value, abs=1e-6), step
-    assert losses_of["on-the-fly"][1] == pytest.approx(math.log(2), abs=1e-5)  # Δ = 0 at the start
+    for step, value in losses_of["on-the-fly", "true"].items():
+        assert losses_of["precompute", "true"][step] == pytest.approx(value, abs=1e-6), step
+        assert losses_of["on-the-fly", "false"][step] == pytest.approx(value, abs=1e-4), step
+    assert losses_of["on-the-fly", "true"][1] == pytest.approx(math.log(2), abs=1e-5)  # Δ = 0 at the start
 
 
 @pytest.mark.parametrize("objective", ["cdpo", "robust-dpo", "ipo", "hinge", "simpo", "orpo", "kto"])

@@ -1,12 +1,14 @@
-"""The ``dpo`` LightningModule: one concatenated forward of chosen and rejected per
-micro-batch, reference log-probs on the fly or precomputed, any DPO-family objective.
-Unpaired rows (KTO) are batched and stepped in ``unpaired.py``."""
+"""The ``dpo`` LightningModule: one forward of chosen and rejected per micro-batch (the
+prompt computed once, or the two rows concatenated), reference log-probs on the fly or
+precomputed, any DPO-family objective. Unpaired rows (KTO) are batched and stepped in
+``unpaired.py``."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from rlhfkit import (
     UserError,
     adamw,
     encode_pairs,
+    encode_preferences,
     gradient_sync,
     log_now,
     log_step,
@@ -28,6 +31,7 @@ from rlhfkit import (
     masked_sum,
     optimizer_step,
     positions_from_mask,
+    shared_prompt_mask,
     step_loader,
     total_steps,
 )
@@ -61,6 +65,7 @@ class DirectPreference(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.config = config
+        self.share_prompt = config.share_prompt  # off after a failed check (_check_shared_prompt)
         self.section = context.trainer
         self.stage_dir = Path(context.stage_dir)
         self.seed = context.seed
@@ -124,11 +129,12 @@ class DirectPreference(L.LightningModule):
         return self._frozen.model
 
     # ------------------------------------------------------------------ data
-    def _encode(self, rows: list[Preference]) -> dict[str, torch.Tensor]:
-        """``[2B, L]`` tokens: the chosen responses, then the rejected ones."""
-        prompts = [r.prompt for r in rows] * 2
-        completions = [r.chosen for r in rows] + [r.rejected for r in rows]
-        encoded = encode_pairs(self.policy.tokenizer, prompts, completions, self.config.max_length)
+    def _encode(self, rows: list[Preference], shared: bool | None = None) -> dict[str, torch.Tensor]:
+        """One ``[B, L]`` row per pair (prompt, chosen, rejected), or ``[2B, L]`` rows: the
+        chosen responses, then the rejected ones (:func:`rlhfkit.encode_preferences`)."""
+        encoded = encode_preferences(self.policy.tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
+                                     [r.rejected for r in rows], self.config.max_length,
+                                     shared=self.share_prompt if shared is None else shared)
         return {name: torch.tensor(values) for name, values in encoded.items()}
 
     @staticmethod
@@ -174,12 +180,63 @@ class DirectPreference(L.LightningModule):
     # ------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs ``[2B]`` and response token counts ``[2B]``."""
+        """Summed response log-probs ``[2B]`` and response token counts ``[2B]`` (chosen,
+        then rejected; or one per row for single completions)."""
+        if "segment" in batch:
+            return self._shared_logps(model, batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
         logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
         labels = batch["labels_mask"][:, 1:].float()
         return masked_sum(logprobs, labels, dim=1), labels.sum(1)
+
+    @staticmethod
+    def _shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared-prompt layout: one forward over prompt, chosen, rejected; each
+        response's tokens are read from the columns that predict them."""
+        ids = batch["input_ids"]
+        eager = getattr(model.config, "_attn_implementation", "eager") == "eager"  # adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"]).logits
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        logps, tokens = [], []
+        for side in ("chosen", "rejected"):
+            scored = batch[f"{side}_scored"].float()
+            logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], ids[rows, batch[f"{side}_target"]])
+            logps.append(masked_sum(logprobs, scored, dim=1))
+            tokens.append(scored.sum(1))
+        return torch.cat(logps), torch.cat(tokens)
+
+    @torch.no_grad()
+    def _check_shared_prompt(self, rows: list[Preference]) -> None:
+        """Before training: the shared-prompt forward must give the log-probs of two
+        separate rows (a model that builds its own mask, or attention that ignores a 4-D
+        mask, would not); otherwise warn and use separate rows."""
+        if not self.share_prompt or not rows:
+            return
+        shared = {k: v.to(self.device) for k, v in self._encode(rows, shared=True).items()}
+        separate = {k: v.to(self.device) for k, v in self._encode(rows, shared=False).items()}
+        models = [self.model] + ([self.reference] if self.reference is not None else [])
+        for model in models:
+            mode = model.training
+            model.eval()
+            try:
+                a, b = self._shared_logps(model, shared)[0], self._sequence_logps(model, separate)[0]
+                wide = next(model.parameters()).dtype == torch.float32
+                problem = None if torch.allclose(a.float(), b.float(), rtol=1e-4 if wide else 2e-2,
+                                                 atol=1e-3 if wide else 0.25) else \
+                    f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
+            except (TypeError, ValueError, RuntimeError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            finally:
+                model.train(mode)
+            if problem is not None:
+                warnings.warn(f"dpo share_prompt: {type(model).__name__} does not honour the shared-prompt "
+                              f"attention mask ({problem}); computing chosen and rejected as separate rows. Set "
+                              f"algorithm.share_prompt: false to skip this check.", stacklevel=1)
+                self.share_prompt = False
+                return
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -268,7 +325,9 @@ class DirectPreference(L.LightningModule):
 
     @staticmethod
     def _pair_slice(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
-        """Pairs ``start:end`` of a ``[2B, L]`` batch, chosen and rejected kept together."""
+        """Pairs ``start:end`` of a batch, chosen and rejected kept together."""
+        if "segment" in batch:  # one row per pair
+            return {k: v[start:end] for k, v in batch.items()}
         b = batch["index"].shape[0]
         rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)])
         return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
@@ -307,12 +366,21 @@ class DirectPreference(L.LightningModule):
         mover = getattr(self.reward, "to", None)
         if mover is not None:
             mover(self.device)
+        if not self.unpaired:
+            self._check_shared_prompt(self._check_rows())
         if self.global_step == 0:
             self._evaluate("eval_before")
             evaluation.write_samples(self, "before")
         if self.needs_reference and self.config.reference_logps == "precompute":
             self._precompute()
         self._last_time = time.perf_counter()
+
+    def _check_rows(self) -> list[Preference]:
+        """Two pairs for :meth:`_check_shared_prompt`: training pairs, or (online) the first
+        prompts with their own words as responses, one forwards and one reversed."""
+        if self.config.online is None:
+            return list(self.rows[:2])
+        return [Preference(p, p, " ".join(reversed(p.split()))) for p in self.rows[:2]]
 
     def on_train_end(self) -> None:
         self._evaluate("eval_after")

@@ -1,0 +1,159 @@
+"""DPO's shared-prompt forward: prompt, chosen and rejected in one row, the rejected
+response masked from the chosen one, gives the log-probs and gradients of two separate
+rows, for every model family and attention implementation."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhfkit import Preference, encode_pairs, encode_preferences, shared_prompt_mask
+from rlhfkit.plugins.dpo.module import DirectPreference
+from rlhfkit.plugins.policy.build import architecture_config
+from rlhfkit.plugins.policy.config import ArchitectureConfig
+from rlhfkit.plugins.policy.tokenizer import build_word_tokenizer
+
+WORDS = ["a", "b", "c", "d", "e", "f", "g"]
+PAIRS = [Preference("a b c", "d e", "f"), Preference("g", "a b c d", "e f g a b"),
+         Preference("b c d e f g", "a", "b c")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer(WORDS)
+
+
+def encode(tokenizer, rows, shared, max_length=64):
+    encoded = encode_preferences(tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
+                                 [r.rejected for r in rows], max_length, shared=shared)
+    return {name: torch.tensor(values) for name, values in encoded.items()}
+
+
+def test_the_layout_by_hand(tokenizer):
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in WORDS}
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = encode_preferences(tokenizer, ["a b"], ["c"], ["d e"], 16, shared=True)
+    assert out["input_ids"] == [[ids["a"], ids["b"], ids["c"], eos, ids["d"], ids["e"], eos]]
+    assert out["position_ids"] == [[0, 1, 2, 3, 2, 3, 4]]
+    assert out["segment"] == [[1, 1, 2, 2, 3, 3, 3]]
+    assert out["chosen_target"] == [[2, 3]] and out["chosen_source"] == [[1, 2]]
+    assert out["rejected_target"] == [[4, 5, 6]] and out["rejected_source"] == [[1, 4, 5]]
+    assert out["chosen_scored"] == [[1, 1]] and out["rejected_scored"] == [[1, 1, 1]]
+    # two pairs: right padding of the row and of the shorter index lists
+    two = encode_preferences(tokenizer, ["a b", "a"], ["c", "b c d"], ["d e", "e f"], 16, shared=True)
+    assert two["input_ids"][1] == [ids["a"], ids["b"], ids["c"], ids["d"], eos, ids["e"], ids["f"], eos]
+    assert two["input_ids"][0] == out["input_ids"][0] + [pad] and two["segment"][0][-1] == 0
+    assert two["chosen_target"][0] == [2, 3, 0, 0] and two["chosen_scored"][0] == [1, 1, 0, 0]
+    assert two["rejected_target"][1] == [5, 6, 7] and two["rejected_source"][1] == [0, 5, 6]
+    # separate rows, no cut: encode_pairs's layout
+    separate = encode_preferences(tokenizer, ["a b", "a"], ["c", "b c d"], ["d e", "e f"], 16, shared=False)
+    assert separate == encode_pairs(tokenizer, ["a b", "a"] * 2, ["c", "b c d", "d e", "e f"], 16)
+
+
+def test_both_responses_of_a_pair_see_the_same_cut_prompt(tokenizer):
+    """Over max_length, the prompt is cut so it fits with the longer response, for both."""
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in WORDS}
+    out = encode_preferences(tokenizer, ["a b c d"], ["e"], ["f g a"], 6, shared=False)
+    # rejected + EOS = 4 tokens, so 2 prompt tokens for both rows (encode_pairs would give chosen 4)
+    assert [row[:2] for row in out["input_ids"]] == [[ids["c"], ids["d"]]] * 2
+    assert [sum(row) for row in out["labels_mask"]] == [2, 4]
+    shared = encode_preferences(tokenizer, ["a b c d"], ["e"], ["f g a"], 6, shared=True)
+    assert shared["segment"] == [[1, 1, 2, 2, 3, 3, 3, 3]]
+    # a response longer than max_length leaves no prompt: its first token has no predictor
+    empty = encode_preferences(tokenizer, ["a"], ["b c d"], ["e"], 3, shared=True)
+    assert empty["segment"] == [[2, 2, 2, 3, 3]]
+    assert empty["chosen_scored"] == [[0, 1, 1]] and empty["rejected_scored"] == [[0, 1]]
+
+
+def test_the_mask_by_hand():
+    segment = torch.tensor([[1, 2, 3, 3, 0]])
+    allowed = shared_prompt_mask(segment)[0, 0].int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 0, 1, 0, 0],   # rejected: the prompt and itself, not the chosen token
+                       [1, 0, 1, 1, 0],
+                       [1, 1, 1, 1, 0]]   # padding: to real tokens only (its outputs are never read)
+    additive = shared_prompt_mask(segment, torch.float32)[0, 0]
+    assert additive[2, 1] == torch.finfo(torch.float32).min and additive[2, 2] == 0
+
+
+FAMILIES = ["gpt2", "opt", "llama", "qwen2"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, attention):
+    torch.manual_seed(0)
+    config = architecture_config(ArchitectureConfig(family=family, layers=2, hidden=32, dropout=0.0), tokenizer)
+    config._attn_implementation = attention
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger weights, so attention matters and a leak would show
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(8)
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        logps, tokens = DirectPreference._sequence_logps(types.SimpleNamespace(
+            _shared_logps=DirectPreference._shared_logps), model, encode(tokenizer, PAIRS, shared))
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), tokens, [p.grad.clone() for p in model.parameters()]))
+    (a, ta, ga), (b, tb, gb) = results
+    # equal to float rounding (oneDNN may pick kernels by memory alignment: last bits differ between runs)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert ta.tolist() == tb.tolist() == [3, 5, 2, 2, 6, 3]
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    # the mask matters: letting the rejected response see the chosen one changes its log-probs
+    batch = encode(tokenizer, PAIRS, True)
+    leaky = dict(batch, segment=torch.where(batch["segment"] == 3, 2, batch["segment"]))
+    with torch.no_grad():
+        c = DirectPreference._shared_logps(model, leaky)[0]
+    assert (c[3:] - a[3:]).abs().max() > 1e-2
+
+
+class _IgnoresMask(torch.nn.Module):
+    """A model that builds its own causal mask, whatever it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
+    torch.manual_seed(0)
+    config = architecture_config(ArchitectureConfig(family="gpt2", layers=2, hidden=32, dropout=0.0), tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(8)
+
+    def check(candidate):
+        module = types.SimpleNamespace(share_prompt=True, device=torch.device("cpu"), model=candidate,
+                                       reference=None, policy=types.SimpleNamespace(tokenizer=tokenizer),
+                                       config=types.SimpleNamespace(max_length=64))
+        module._encode = lambda rows, shared=None: DirectPreference._encode(module, rows, shared)
+        module._shared_logps = DirectPreference._shared_logps
+        module._sequence_logps = lambda m, b: DirectPreference._sequence_logps(module, m, b)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DirectPreference._check_shared_prompt(module, PAIRS)
+        return module.share_prompt, [str(w.message) for w in caught]
+
+    assert check(model) == (True, [])
+    kept, messages = check(_IgnoresMask(model))
+    assert not kept
+    assert "does not honour the shared-prompt attention mask" in messages[0]
+    assert "share_prompt: false" in messages[0]
+    assert model.training  # the check restores the mode
