@@ -337,10 +337,17 @@ def optimizer_step(module: L.LightningModule, gradient_clip: float | None) -> to
 def adamw(groups: Sequence[tuple[Iterable[torch.nn.Parameter], OptimizerSettings]], total: int) -> dict[str, Any]:
     """What ``configure_optimizers`` returns: one AdamW with a parameter group per
     ``(parameters, settings)`` (e.g. policy and critic, each with its own lr, betas, eps
-    and weight decay) and a per-step warmup-cosine schedule for each group."""
+    and weight decay) and a per-step warmup-cosine schedule for each group.
+
+    The fused implementation (one kernel over all tensors; on CPU about 4x faster than the
+    single-tensor default) is used when every parameter is a plain floating-point tensor on
+    CPU or CUDA; sharded parameters (FSDP's DTensors) get torch's default."""
     param_groups = [{"params": [p for p in params if p.requires_grad], "lr": s.lr, "betas": s.betas, "eps": s.eps,
                      "weight_decay": s.weight_decay} for params, s in groups]
-    optimizer = torch.optim.AdamW(param_groups)
+    every = [p for group in param_groups for p in group["params"]]
+    fused = bool(every) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                and p.dtype.is_floating_point for p in every)
+    optimizer = torch.optim.AdamW(param_groups, fused=fused or None)
     factors = [warmup_cosine_factor(s.warmup_steps, total, s.final_lr_ratio) for _, s in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
