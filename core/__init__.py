@@ -33,7 +33,7 @@ from rlhfkit.interfaces import (
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import OptimizerSettings, Recipe, SamplingSettings, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
-from rlhfkit.tokens import encode_pairs, encode_preferences
+from rlhfkit.tokens import encode_pairs, encode_preferences, layout_preferences, tokenize_preferences
 
 # torch and lightning load only when a plugin first asks for these names, so that
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
@@ -109,6 +109,7 @@ __all__ = [
     "hookimpl",
     "kl_estimate",
     "last_real_index",
+    "layout_preferences",
     "lazy",
     "load_plugins",
     "load_recipe",
@@ -126,6 +127,7 @@ __all__ = [
     "ref",
     "shared_prompt_mask",
     "step_loader",
+    "tokenize_preferences",
     "total_steps",
     "whiten",
 ]

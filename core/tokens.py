@@ -55,13 +55,29 @@ def encode_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[
     """
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
-    prompt_rows = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    eos = [tokenizer.eos_token_id]
-    responses = [[(row + eos)[:max_length] for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-                 for texts in (chosen, rejected)]
-    triples = [(_cut_prompt(p, max_length - max(len(c), len(r))), c, r)
-               for p, c, r in zip(prompt_rows, *responses, strict=True)]
-    pad = tokenizer.pad_token_id
+    triples = tokenize_preferences(tokenizer, prompts, chosen, rejected)
+    return layout_preferences(triples, tokenizer.eos_token_id, tokenizer.pad_token_id, max_length, shared)
+
+
+def tokenize_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]
+                         ) -> list[tuple[list[int], list[int], list[int]]]:
+    """``(prompt, chosen, rejected)`` token ids per pair: the prompt with the tokenizer's
+    special tokens, the responses without, nothing cut, no EOS yet (for
+    :func:`layout_preferences`; a caller may keep them to lay out again without
+    re-tokenizing)."""
+    rows = [tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+            for texts, special in ((prompts, True), (chosen, False), (rejected, False))]
+    return list(zip(*rows, strict=True))
+
+
+def layout_preferences(triples: Sequence[tuple[list[int], list[int], list[int]]], eos: int, pad: int,
+                       max_length: int, shared: bool) -> dict[str, list[list[int]]]:
+    """:func:`encode_preferences` from token ids (:func:`tokenize_preferences`)."""
+    cut = []
+    for p, c, r in triples:
+        c, r = (c + [eos])[:max_length], (r + [eos])[:max_length]
+        cut.append((_cut_prompt(p, max_length - max(len(c), len(r))), c, r))
+    triples = cut
     if not shared:
         return _padded([(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], pad)
     width = max(len(p) + len(c) + len(r) for p, c, r in triples)

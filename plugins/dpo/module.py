@@ -9,6 +9,7 @@ import copy
 import json
 import time
 import warnings
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from rlhfkit import (
     UserError,
     adamw,
     encode_pairs,
-    encode_preferences,
     gradient_sync,
+    layout_preferences,
     log_now,
     log_step,
     logprobs_from_logits,
@@ -33,6 +34,7 @@ from rlhfkit import (
     positions_from_mask,
     shared_prompt_mask,
     step_loader,
+    tokenize_preferences,
     total_steps,
 )
 from rlhfkit.plugins.dpo import DPOConfig, evaluation, unpaired
@@ -120,6 +122,7 @@ class DirectPreference(L.LightningModule):
         self.precomputed: torch.Tensor | None = None
         self.precomputed_eval: torch.Tensor | None = None
         self.history: dict[str, Any] = {}
+        self._tokens: dict[int, tuple[array, array, array]] = {}  # training rows, tokenized when first drawn
         self._last_time = time.perf_counter()
 
     @property
@@ -129,11 +132,24 @@ class DirectPreference(L.LightningModule):
         return self._frozen.model
 
     # ------------------------------------------------------------------ data
-    def _encode(self, rows: list[Preference], shared: bool | None = None) -> dict[str, torch.Tensor]:
+    def _encode(self, rows: list[Preference], shared: bool | None = None,
+                indices: list[int] | None = None) -> dict[str, torch.Tensor]:
         """One ``[B, L]`` row per pair (prompt, chosen, rejected), or ``[2B, L]`` rows: the
-        chosen responses, then the rejected ones (:func:`rlhfkit.encode_preferences`)."""
-        encoded = encode_preferences(self.policy.tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
-                                     [r.rejected for r in rows], self.config.max_length,
+        chosen responses, then the rejected ones (:func:`rlhfkit.encode_preferences`).
+        With ``indices`` (training rows), each row is tokenized once and kept (int32)."""
+        tokenizer = self.policy.tokenizer
+        if indices is None:
+            triples = tokenize_preferences(tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
+                                           [r.rejected for r in rows])
+        else:
+            missing = [(i, r) for i, r in zip(indices, rows, strict=True) if i not in self._tokens]
+            if missing:
+                fresh = tokenize_preferences(tokenizer, [r.prompt for _, r in missing],
+                                             [r.chosen for _, r in missing], [r.rejected for _, r in missing])
+                for (i, _), triple in zip(missing, fresh, strict=True):
+                    self._tokens[i] = tuple(array("i", part) for part in triple)
+            triples = [tuple(part.tolist() for part in self._tokens[i]) for i in indices]
+        encoded = layout_preferences(triples, tokenizer.eos_token_id, tokenizer.pad_token_id, self.config.max_length,
                                      shared=self.share_prompt if shared is None else shared)
         return {name: torch.tensor(values) for name, values in encoded.items()}
 
@@ -150,7 +166,8 @@ class DirectPreference(L.LightningModule):
             return {"index": torch.tensor([i for i, _ in items]), "prompts": [prompt for _, prompt in items]}
         if self.unpaired:
             return unpaired.encode(self, items)
-        return self._encode([row for _, row in items]) | {"index": torch.tensor([i for i, _ in items])}
+        indices = [i for i, _ in items]
+        return self._encode([row for _, row in items], indices=indices) | {"index": torch.tensor(indices)}
 
     @torch.no_grad()
     def _online_pairs(self, prompts: list[str]) -> dict[str, Any]:
