@@ -13,6 +13,7 @@ on a machine other jobs share, one thread per side keeps the timings steady):
         [--heads 4] [--vocabulary 0] [--batch 16] [--prompt-length 32] [--response-length 32]
         [--warmup 3] [--steps 20] [--reference both|on-the-fly|precompute] [--repeats 1]
         [--device cpu|cuda] [--bf16] [--gradient-checkpointing]
+        [--no-share-prompt] [--no-fused-activations]
 
 Results and how to read them: docs/results-dpo-step.md.
 
@@ -22,9 +23,9 @@ What is the same on both sides:
   once; both sides load these weights. Dropout is 0;
 - the pairs: random words of that vocabulary, every prompt ``--prompt-length`` tokens
   and every response ``--response-length`` tokens with its EOS, so no row is padded. The
-  first batch of each side is checked to hold the same number of tokens in the same shape;
-- the step: ``--batch`` pairs per optimizer step with no accumulation, one concatenated
-  forward of chosen and rejected, the sigmoid DPO loss with beta 0.1, AdamW (same lr,
+  first batch of each side is checked to hold the same prompt + response token sequences;
+- the step: ``--batch`` pairs per optimizer step with no accumulation, one forward of
+  chosen and rejected, the sigmoid DPO loss with beta 0.1, AdamW (same lr,
   betas, eps, no weight decay; each side's own implementation, fused in TRL), gradient
   clipping at 1.0, float32 (TRL's default is bf16; ``--bf16``: bf16 autocast on both),
   metrics logged every 10 steps;
@@ -33,6 +34,12 @@ What is the same on both sides:
   precompute``, TRL ``precompute_ref_log_probs=True``);
 - no evaluation, no checkpoint during training, no external logging, no gradient
   checkpointing (TRL's default turns it on; ``--gradient-checkpointing`` turns it on for both).
+
+How each side computes that forward is its own: TRL concatenates the chosen and rejected
+rows (``[2B, P + R]``); rlhfkit, by default, computes each prompt once (``share_prompt``:
+``[B, P + 2R]``, the rejected response masked from the chosen one) and runs GPT-2's GELU
+as one fused kernel (``fused_activations``). ``--no-share-prompt`` and
+``--no-fused-activations`` turn them off, to measure what each contributes.
 
 Each side trains as its users run it: rlhfkit from a recipe file, its stage built through
 the registry and Lightning trainer as ``rlhfkit run`` builds it (the CLI's ``MKL_CBWR``
@@ -47,6 +54,7 @@ step, Linux); CUDA, allocated memory at the first step and ``max_memory_allocate
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -191,9 +199,10 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
     settings = {
         "algorithm": {"name": "dpo", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0,
                       "warmup_steps": 0, "max_length": args.prompt_length + args.response_length,
-                      "reference_logps": args.reference},
+                      "reference_logps": args.reference, "share_prompt": args.share_prompt},
         "policy": {"name": "transformers", "path": str(workdir / "model"), "dropout": 0.0,
-                   "gradient_checkpointing": args.gradient_checkpointing},
+                   "gradient_checkpointing": args.gradient_checkpointing,
+                   "fused_activations": args.fused_activations},
         "objective": {"name": "dpo", "beta": BETA},
         "data": {"name": "file", "path": str(workdir / "pairs.jsonl"), "schema": "preference"},
         "trainer": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "micro_batch_size": args.batch,
@@ -218,8 +227,9 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
 
     class Clock(Callback):
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if not first_batch:
-                first_batch.update(shape=list(batch["input_ids"].shape), tokens=int(batch["attention_mask"].sum()))
+            if not first_batch:  # the first rows, as TRL's record below (its sampler shuffles)
+                first_batch.update(batch_record(pl_module._encode(pl_module.rows[:args.batch])),
+                                   input=list(batch["input_ids"].shape))
             clock.step_begins()
 
         def on_train_batch_end(self, *args: Any) -> None:
@@ -269,8 +279,21 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
                          callbacks=[Clock()])
     first = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)])
     trainer.train()
-    return {"batch": {"shape": list(first["input_ids"].shape), "tokens": int(first["attention_mask"].sum())},
-            "steps": trainer.state.global_step}
+    return {"batch": batch_record(first), "steps": trainer.state.global_step}
+
+
+def batch_record(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a batch of the first rows holds, whatever its layout: a digest of its prompt +
+    response token sequences (the same on both sides when they train on the same pairs),
+    their token count, and the shape of the tensor the model is given."""
+    ids = batch["input_ids"]
+    if "segment" in batch:  # rlhfkit's shared-prompt rows: prompt + chosen, prompt + rejected
+        sequences = [ids[i][(batch["segment"][i] == 1) | (batch["segment"][i] == side)].tolist()
+                     for side in (2, 3) for i in range(ids.shape[0])]
+    else:
+        sequences = [ids[i][batch["attention_mask"][i].bool()].tolist() for i in range(ids.shape[0])]
+    digest = hashlib.sha256(json.dumps(sorted(sequences)).encode()).hexdigest()[:16]
+    return {"sequences": digest, "tokens": sum(map(len, sequences)), "input": list(ids.shape)}
 
 
 def run_side(args: argparse.Namespace) -> None:
@@ -324,7 +347,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, model: dict[
         table.add_column(column, justify="left" if column in ("reference log-probs", "side") else "right")
     for reference in dict.fromkeys(r["reference"] for r in results):
         runs = {side: [r for r in results if r["reference"] == reference and r["side"] == side] for side in SIDES}
-        batches = {json.dumps(r["batch"]) for side in SIDES for r in runs[side]}
+        batches = {json.dumps({k: r["batch"][k] for k in ("sequences", "tokens")}) for side in SIDES
+                   for r in runs[side]}
         if len(batches) != 1:
             raise SystemExit(f"the sides did not train on the same batches ({reference}): {sorted(batches)}")
         stats = {side: max(runs[side], key=lambda r: r["peak_mb"])
@@ -344,7 +368,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, model: dict[
     console = Console(width=220)
     console.print(table)
     batch = json.loads(batches.pop())
-    console.print(f"each step: input_ids {batch['shape']} ({batch['tokens']} tokens) on both sides; "
+    shapes = {side: next(r["batch"]["input"] for r in results if r["side"] == side) for side in SIDES}
+    console.print(f"each step: the same {batch['tokens']} prompt + response tokens on both sides (digest "
+                  f"{batch['sequences']}); model input {shapes['rlhfkit']} in rlhfkit (share_prompt "
+                  f"{args.share_prompt}, fused_activations {args.fused_activations}), {shapes['trl']} in TRL; "
                   f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s) per side; "
                   f"torch {torch.__version__}, transformers {version('transformers')}, lightning "
                   f"{version('lightning')}, {args.threads} thread(s)")
@@ -368,6 +395,10 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
+                        help="rlhfkit's algorithm.share_prompt (the prompt computed once per pair)")
+    parser.add_argument("--fused-activations", action=argparse.BooleanOptionalAction, default=True,
+                        help="rlhfkit's policy.fused_activations (GPT-2's GELU as one kernel)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
