@@ -93,9 +93,13 @@ def test_export_scores_equal_training_scores_under_both_paddings(registry, tmp_p
     assert training.std() > 1e-3  # the sequences score differently
 
     export = tmp_path / "rm"
-    export_classifier(causal_lm(backbone.plain_model()), head, tokenizer, export, {"mean": 0.5, "std": 2.0})
+    export_classifier(causal_lm(backbone.plain_model()), head, tokenizer, export, {"mean": 0.5, "std": 2.0},
+                      backbone.export_config)
     classifier = AutoModelForSequenceClassification.from_pretrained(export, local_files_only=True).eval()
     assert classifier.config.num_labels == 1
+    if family == "gpt2":  # trained with the fused GELU; the export keeps the checkpoint's name
+        assert backbone.export_config == {"activation_function": "gelu_new"}
+        assert classifier.config.activation_function == "gelu_new"
     assert classifier.config.rlhfkit_reward_normalization == {"mean": 0.5, "std": 2.0}
     with torch.no_grad():
         # the standard transformers call on right padding reads the same token
@@ -106,6 +110,8 @@ def test_export_scores_equal_training_scores_under_both_paddings(registry, tmp_p
     torch.testing.assert_close(left, training, rtol=0, atol=1e-5)
 
     source = context.build(ref("reward")(name="reward-model", path=str(export), max_length=32, batch_size=3))
+    if family == "gpt2":  # and scoring runs it fused again
+        assert type(source.model.base_model.h[0].mlp.act).__name__ == "GELUTanh"
     torch.testing.assert_close(source.raw_scores(PROMPTS, RESPONSES), training, rtol=0, atol=1e-5)
     torch.testing.assert_close(source.score(PROMPTS, RESPONSES), (training - 0.5) / 2.0, rtol=0, atol=1e-5)
     raw = context.build(ref("reward")(name="reward-model", path=str(export), max_length=32, normalize=False))
