@@ -361,7 +361,7 @@ def test_fused_gelu_computes_the_written_out_formula_and_exports_the_original_na
     fused.export(tmp_path / "export")
     saved = GPT2Config.from_pretrained(tmp_path / "export")
     assert saved.activation_function == "gelu_new"
-    assert fused.model.config.activation_function == "gelu_pytorch_tanh"   # the training model is untouched
+    assert fused.model.config.activation_function == "gelu_new"   # only the modules were swapped
     again = build(context, path=str(tmp_path / "export"))
     assert isinstance(again.model.transformer.h[0].mlp.act, GELUTanh)
     again.model.eval()
@@ -369,12 +369,14 @@ def test_fused_gelu_computes_the_written_out_formula_and_exports_the_original_na
 
 
 def test_activations_without_a_fused_form_are_left_alone(context):
+    from transformers.activations import GELUTanh
+
     from rlhfkit.plugins.policy.build import fuse_activations
 
-    config = GPT2Config(activation_function="relu")
-    assert fuse_activations(config) == {} and config.activation_function == "relu"
-    config = GPT2Config(activation_function="gelu_fast")
-    assert fuse_activations(config) == {"activation_function": "gelu_fast"}
-    assert config.activation_function == "gelu_pytorch_tanh"
+    relu = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, activation_function="relu"))
+    assert fuse_activations(relu) == 0 and relu.config.activation_function == "relu"
+    fast = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, activation_function="gelu_fast"))
+    assert fuse_activations(fast) == 2 and isinstance(fast.transformer.h[1].mlp.act, GELUTanh)
+    assert fast.config.activation_function == "gelu_fast"
     llama = fresh(context, "llama")
-    assert llama.model.config.hidden_act == "silu" and llama.export_config == {}
+    assert llama.model.config.hidden_act == "silu" and fuse_activations(llama.model) == 0

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
 )
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 from transformers.utils import logging as transformers_logging
 
 from rlhfkit import StageContext, UserError
@@ -42,11 +43,12 @@ def build_policy(config: TransformersPolicyConfig, context: StageContext | None
         model_config = architecture_config(config.architecture, tokenizer)
         if config.dropout is not None:
             override_dropout(model_config, config.dropout)
-        unfused = fuse_activations(model_config) if config.fused_activations else {}
         # from_config draws from torch's global RNG: torch.manual_seed makes it reproducible.
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     else:
-        model, unfused = _load_model(source, config, dtype)
+        model = _load_model(source, config, dtype)
+    if config.fused_activations:
+        fuse_activations(model)
     _fit_vocabulary(model, tokenizer, pad_added)
     model.config.pad_token_id = tokenizer.pad_token_id
     # A checkpoint's generation_config.json may carry sampling defaults (repetition penalty,
@@ -61,7 +63,7 @@ def build_policy(config: TransformersPolicyConfig, context: StageContext | None
             activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora is not None:
         model = _add_lora(model, config.lora, config.dropout)
-    return TransformersPolicy(model, tokenizer, config, export_config=unfused)
+    return TransformersPolicy(model, tokenizer, config)
 
 
 def architecture_config(architecture: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase
@@ -108,27 +110,21 @@ def override_dropout(model_config: PretrainedConfig, probability: float) -> list
     return names
 
 
-# Activations transformers writes out as several element-wise ops, and the name of the
-# single fused kernel computing the same formula, 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
-FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace ``model``'s written-out tanh GELUs (transformers' ``gelu_new`` and
+    ``gelu_fast`` modules: GPT-2, GPT-J, GPT-Neo, CodeGen, Phi) with torch's one-kernel
+    ``gelu(approximate="tanh")``, the same formula; returns how many were replaced.
 
-
-def fuse_activations(model_config: PretrainedConfig) -> dict[str, str]:
-    """Point ``model_config``'s activation fields at their fused equivalents
-    (:data:`FUSED_ACTIVATIONS`); returns ``{field: original name}`` of what changed, for
-    the export to write back. Must run before the model is built.
-
-    The fused tanh GELU is one kernel forward and one backward instead of eight element-wise
-    ops; in float32 it differs from the written-out form by float rounding (at most
-    2.4e-7 on N(0, 1) inputs).
+    One kernel forward and one backward instead of eight element-wise ops; in float32 the
+    outputs differ by float rounding (at most 2.4e-7 on N(0, 1) inputs). The model config
+    is left alone, so exports keep the checkpoint's own activation name.
     """
-    changed = {}
-    for field in ("activation_function", "hidden_act"):
-        value = getattr(model_config, field, None)
-        if isinstance(value, str) and value in FUSED_ACTIVATIONS:
-            setattr(model_config, field, FUSED_ACTIVATIONS[value])
-            changed[field] = value
-    return changed
+    written_out = (NewGELUActivation, FastGELUActivation)
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) in written_out]
+    for parent, name in targets:
+        setattr(parent, name, GELUTanh())
+    return len(targets)
 
 
 def _source_directory(config: TransformersPolicyConfig, context: StageContext | None
@@ -164,14 +160,12 @@ def _tokenizer(config: TransformersPolicyConfig, context: StageContext | None,
 
 
 def _load_model(directory: Path, config: TransformersPolicyConfig, dtype: torch.dtype
-                ) -> tuple[PreTrainedModel, dict[str, str]]:
-    """The model, and the activation fields :func:`fuse_activations` changed."""
+                ) -> PreTrainedModel:
     options = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
     try:
         model_config = AutoConfig.from_pretrained(directory, **options)
         if config.dropout is not None:
             override_dropout(model_config, config.dropout)
-        unfused = fuse_activations(model_config) if config.fused_activations else {}
         # A reward-model export (e.g. a critic's backbone) has a score head and no LM head:
         # expected, so transformers' load report about them is not shown.
         reward_model = hasattr(model_config, "rlhfkit_reward_normalization")
@@ -179,8 +173,7 @@ def _load_model(directory: Path, config: TransformersPolicyConfig, dtype: torch.
         if reward_model:
             transformers_logging.set_verbosity_error()
         try:
-            model = AutoModelForCausalLM.from_pretrained(directory, config=model_config, dtype=dtype, **options)
-            return model, unfused
+            return AutoModelForCausalLM.from_pretrained(directory, config=model_config, dtype=dtype, **options)
         finally:
             transformers_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as exc:

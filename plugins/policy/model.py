@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,16 +26,13 @@ class TransformersPolicy:
             wrapping one when LoRA is on (then only the adapter weights require grad).
         tokenizer: its tokenizer; PAD is set and differs from EOS.
         config: the settings it was built from.
-        export_config: model-config fields the export writes back to their loaded values
-            (activations swapped for fused kernels while training).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 config: TransformersPolicyConfig, export_config: dict[str, Any] | None = None):
+                 config: TransformersPolicyConfig):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.export_config = dict(export_config or {})
 
     @property
     def device(self) -> torch.device:
@@ -134,16 +130,8 @@ class TransformersPolicy:
         adapters. Files are written to a temporary sibling directory that then replaces
         ``directory``: a crash never leaves a half-written export behind.
         """
-        plain = self.plain_model()
-        swapped = {field: getattr(plain.config, field) for field in self.export_config}
         with atomic_directory(Path(directory)) as staging:
-            for field, value in self.export_config.items():  # built modules keep theirs
-                setattr(plain.config, field, value)
-            try:
-                plain.save_pretrained(staging)  # transformers 5 writes safetensors
-            finally:
-                for field, value in swapped.items():
-                    setattr(plain.config, field, value)
+            self.plain_model().save_pretrained(staging)  # transformers 5 writes safetensors
             self.tokenizer.save_pretrained(staging)
 
     def plain_model(self) -> PreTrainedModel:

@@ -219,7 +219,7 @@ class RewardModelTraining(L.LightningModule):
     # ---------------------------------------------------------------- output
     def export(self, directory: Path) -> None:
         export_classifier(causal_lm(self.backbone.plain_model()), self.head, self.backbone.tokenizer,
-                          directory, self.history.get("normalization"), getattr(self.backbone, "export_config", {}))
+                          directory, self.history.get("normalization"))
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.global_step}

@@ -59,10 +59,9 @@ def score_and_logits(model: torch.nn.Module, head: ScalarHead, input_ids: torch.
 
 
 def export_classifier(plain_causal_lm: Any, head: ScalarHead, tokenizer: Any, directory: Path,
-                      normalization: dict[str, float] | None, export_config: dict[str, Any] | None = None) -> None:
+                      normalization: dict[str, float] | None) -> None:
     """Write ``AutoModelForSequenceClassification`` (``num_labels=1``) with the backbone's
-    weights, the head as ``score`` and the normalisation in its config, atomically;
-    ``export_config`` fields (the policy's, e.g. activations it fused) are written back."""
+    weights, the head as ``score`` and the normalisation in its config, atomically."""
     from transformers import AutoModelForSequenceClassification
 
     config = plain_causal_lm.config.__class__.from_dict(plain_causal_lm.config.to_dict())
@@ -73,8 +72,6 @@ def export_classifier(plain_causal_lm: Any, head: ScalarHead, tokenizer: Any, di
     classifier = AutoModelForSequenceClassification.from_config(config)
     classifier.base_model.load_state_dict(plain_causal_lm.base_model.state_dict())
     classifier.score.weight.data.copy_(head.score.weight.data.to(classifier.score.weight.dtype))
-    for field, value in (export_config or {}).items():
-        setattr(classifier.config, field, value)
     with atomic_directory(directory) as staging:
         classifier.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -93,7 +90,7 @@ class RewardModelSource:
 
     @classmethod
     def load(cls, config: Any, context: StageContext | None) -> RewardModelSource:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+        from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
         from rlhfkit.plugins.policy.build import fuse_activations
 
@@ -106,10 +103,8 @@ class RewardModelSource:
         if not (directory / "config.json").is_file():
             raise UserError(f"reward model directory {directory} has no config.json; point `path` at a "
                             f"reward-model stage's export (runs/<run>/<stage>/export).")
-        model_config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        fuse_activations(model_config)  # the same formula as one kernel (policy.fused_activations)
-        model = AutoModelForSequenceClassification.from_pretrained(directory, config=model_config,
-                                                                   local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        fuse_activations(model)  # the same formula as one kernel (policy.fused_activations)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
         normalization = getattr(model.config, NORMALIZATION_KEY, None) if config.normalize else None
         return cls(model, tokenizer, config.max_length, config.batch_size, normalization)
