@@ -228,7 +228,7 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
     class Clock(Callback):
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if not first_batch:  # the first rows, as TRL's record below (its sampler shuffles)
-                first_batch.update(batch_record(pl_module._encode(pl_module.rows[:args.batch])),
+                first_batch.update(batch_record(pl_module.encode(pl_module.rows[:args.batch])),
                                    input=list(batch["input_ids"].shape))
             clock.step_begins()
 

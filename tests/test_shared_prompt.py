@@ -4,7 +4,6 @@ rows, for every model family and attention implementation."""
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhfkit import Preference, encode_pairs, encode_preferences, shared_prompt_mask
-from rlhfkit.plugins.dpo.module import DirectPreference
+from rlhfkit.plugins.dpo.logps import PairEncoder, sequence_logps, shared_logps
 from rlhfkit.plugins.policy.build import architecture_config
 from rlhfkit.plugins.policy.config import ArchitectureConfig
 from rlhfkit.plugins.policy.tokenizer import build_word_tokenizer
@@ -98,8 +97,7 @@ def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, at
     results = []
     for shared in (True, False):
         model.zero_grad()
-        logps, tokens = DirectPreference._sequence_logps(types.SimpleNamespace(
-            _shared_logps=DirectPreference._shared_logps), model, encode(tokenizer, PAIRS, shared))
+        logps, tokens = sequence_logps(model, encode(tokenizer, PAIRS, shared))
         (logps * torch.arange(1.0, 7.0)).sum().backward()
         results.append((logps.detach(), tokens, [p.grad.clone() for p in model.parameters()]))
     (a, ta, ga), (b, tb, gb) = results
@@ -112,7 +110,7 @@ def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, at
     batch = encode(tokenizer, PAIRS, True)
     leaky = dict(batch, segment=torch.where(batch["segment"] == 3, 2, batch["segment"]))
     with torch.no_grad():
-        c = DirectPreference._shared_logps(model, leaky)[0]
+        c = shared_logps(model, leaky)[0]
     assert (c[3:] - a[3:]).abs().max() > 1e-2
 
 
@@ -140,16 +138,11 @@ def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
                 parameter.mul_(8)
 
     def check(candidate):
-        module = types.SimpleNamespace(share_prompt=True, device=torch.device("cpu"), model=candidate,
-                                       reference=None, policy=types.SimpleNamespace(tokenizer=tokenizer),
-                                       config=types.SimpleNamespace(max_length=64))
-        module._encode = lambda rows, shared=None: DirectPreference._encode(module, rows, shared)
-        module._shared_logps = DirectPreference._shared_logps
-        module._sequence_logps = lambda m, b: DirectPreference._sequence_logps(module, m, b)
+        encoder = PairEncoder(tokenizer, 64, shared=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            DirectPreference._check_shared_prompt(module, PAIRS)
-        return module.share_prompt, [str(w.message) for w in caught]
+            encoder.check([candidate], PAIRS, torch.device("cpu"))
+        return encoder.shared, [str(w.message) for w in caught]
 
     assert check(model) == (True, [])
     kept, messages = check(_IgnoresMask(model))

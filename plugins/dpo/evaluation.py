@@ -12,6 +12,7 @@ import torch
 
 from rlhfkit import Feedback, PreferenceBatch
 from rlhfkit.plugins.dpo import unpaired
+from rlhfkit.plugins.dpo.logps import sequence_logps
 
 
 @torch.no_grad()
@@ -58,8 +59,8 @@ def _held_out_pairs(module: Any) -> dict[str, float]:
     size = module.config.eval_batch_size
     for start in range(0, len(module.eval_rows), size):
         rows = module.eval_rows[start:start + size]
-        batch = {k: v.to(module.device) for k, v in module._encode(rows).items()}
-        logps, tokens = module._sequence_logps(module.model, batch)
+        batch = {k: v.to(module.device) for k, v in module.encode(rows).items()}
+        logps, tokens = sequence_logps(module.model, batch)
         b = len(rows)
         preference = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
         if module.needs_reference and module.precomputed_eval is not None:

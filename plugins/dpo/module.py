@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import warnings
-from array import array
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +23,14 @@ from rlhfkit import (
     adamw,
     encode_pairs,
     gradient_sync,
-    layout_preferences,
     log_now,
     log_step,
-    logprobs_from_logits,
-    masked_sum,
     optimizer_step,
-    positions_from_mask,
-    shared_prompt_mask,
     step_loader,
-    tokenize_preferences,
     total_steps,
 )
 from rlhfkit.plugins.dpo import DPOConfig, evaluation, unpaired
+from rlhfkit.plugins.dpo.logps import PairEncoder, pair_slice, sequence_logps
 
 
 def _pairs(rows: Any, slot: str) -> list[Preference] | list[Feedback]:
@@ -67,11 +60,11 @@ class DirectPreference(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.config = config
-        self.share_prompt = config.share_prompt  # off after a failed check (_check_shared_prompt)
         self.section = context.trainer
         self.stage_dir = Path(context.stage_dir)
         self.seed = context.seed
         self.policy = context.component("policy")
+        self.encode = PairEncoder(self.policy.tokenizer, config.max_length, config.share_prompt)
         self.model = self.policy.model
         self.objective = context.component("objective")
         self.needs_reference = getattr(self.objective, "needs_reference", True)
@@ -122,7 +115,6 @@ class DirectPreference(L.LightningModule):
         self.precomputed: torch.Tensor | None = None
         self.precomputed_eval: torch.Tensor | None = None
         self.history: dict[str, Any] = {}
-        self._tokens: dict[int, tuple[array, array, array]] = {}  # training rows, tokenized when first drawn
         self._last_time = time.perf_counter()
 
     @property
@@ -132,27 +124,6 @@ class DirectPreference(L.LightningModule):
         return self._frozen.model
 
     # ------------------------------------------------------------------ data
-    def _encode(self, rows: list[Preference], shared: bool | None = None,
-                indices: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """One ``[B, L]`` row per pair (prompt, chosen, rejected), or ``[2B, L]`` rows: the
-        chosen responses, then the rejected ones (:func:`rlhfkit.encode_preferences`).
-        With ``indices`` (training rows), each row is tokenized once and kept (int32)."""
-        tokenizer = self.policy.tokenizer
-        if indices is None:
-            triples = tokenize_preferences(tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
-                                           [r.rejected for r in rows])
-        else:
-            missing = [(i, r) for i, r in zip(indices, rows, strict=True) if i not in self._tokens]
-            if missing:
-                fresh = tokenize_preferences(tokenizer, [r.prompt for _, r in missing],
-                                             [r.chosen for _, r in missing], [r.rejected for _, r in missing])
-                for (i, _), triple in zip(missing, fresh, strict=True):
-                    self._tokens[i] = tuple(array("i", part) for part in triple)
-            triples = [tuple(part.tolist() for part in self._tokens[i]) for i in indices]
-        encoded = layout_preferences(triples, tokenizer.eos_token_id, tokenizer.pad_token_id, self.config.max_length,
-                                     shared=self.share_prompt if shared is None else shared)
-        return {name: torch.tensor(values) for name, values in encoded.items()}
-
     @staticmethod
     def _prompt_of(row: Any) -> str:
         prompt = getattr(row, "prompt", None)
@@ -167,7 +138,7 @@ class DirectPreference(L.LightningModule):
         if self.unpaired:
             return unpaired.encode(self, items)
         indices = [i for i, _ in items]
-        return self._encode([row for _, row in items], indices=indices) | {"index": torch.tensor(indices)}
+        return self.encode([row for _, row in items], indices=indices) | {"index": torch.tensor(indices)}
 
     @torch.no_grad()
     def _online_pairs(self, prompts: list[str]) -> dict[str, Any]:
@@ -184,7 +155,7 @@ class DirectPreference(L.LightningModule):
                 for p, x, y, sa, sb in zip(prompts, first, second, a.tolist(), b.tolist(), strict=True) if sa != sb]
         self._online_log = {"online/score": float(scores.mean()), "online/pairs": float(len(rows)),
                             "online/score_gap": float((a - b).abs().mean())}
-        batch = {k: v.to(self.device) for k, v in self._encode(rows).items()} if rows else None
+        batch = {k: v.to(self.device) for k, v in self.encode(rows).items()} if rows else None
         return {"batch": batch, "rows": len(rows)}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -195,73 +166,13 @@ class DirectPreference(L.LightningModule):
         return adamw([(self.model.parameters(), self.config)], self.total_steps)
 
     # ------------------------------------------------------------------ log-probs
-    def _sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs ``[2B]`` and response token counts ``[2B]`` (chosen,
-        then rejected; or one per row for single completions)."""
-        if "segment" in batch:
-            return self._shared_logps(model, batch)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
-        labels = batch["labels_mask"][:, 1:].float()
-        return masked_sum(logprobs, labels, dim=1), labels.sum(1)
-
-    @staticmethod
-    def _shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared-prompt layout: one forward over prompt, chosen, rejected; each
-        response's tokens are read from the columns that predict them."""
-        ids = batch["input_ids"]
-        eager = getattr(model.config, "_attn_implementation", "eager") == "eager"  # adds its mask to the scores
-        dtype = next(model.parameters()).dtype
-        mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"]).logits
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-        logps, tokens = [], []
-        for side in ("chosen", "rejected"):
-            scored = batch[f"{side}_scored"].float()
-            logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], ids[rows, batch[f"{side}_target"]])
-            logps.append(masked_sum(logprobs, scored, dim=1))
-            tokens.append(scored.sum(1))
-        return torch.cat(logps), torch.cat(tokens)
-
-    @torch.no_grad()
-    def _check_shared_prompt(self, rows: list[Preference]) -> None:
-        """Before training: the shared-prompt forward must give the log-probs of two
-        separate rows (a model that builds its own mask, or attention that ignores a 4-D
-        mask, would not); otherwise warn and use separate rows."""
-        if not self.share_prompt or not rows:
-            return
-        shared = {k: v.to(self.device) for k, v in self._encode(rows, shared=True).items()}
-        separate = {k: v.to(self.device) for k, v in self._encode(rows, shared=False).items()}
-        models = [self.model] + ([self.reference] if self.reference is not None else [])
-        for model in models:
-            mode = model.training
-            model.eval()
-            try:
-                a, b = self._shared_logps(model, shared)[0], self._sequence_logps(model, separate)[0]
-                wide = next(model.parameters()).dtype == torch.float32
-                problem = None if torch.allclose(a.float(), b.float(), rtol=1e-4 if wide else 2e-2,
-                                                 atol=1e-3 if wide else 0.25) else \
-                    f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
-            except (TypeError, ValueError, RuntimeError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            finally:
-                model.train(mode)
-            if problem is not None:
-                warnings.warn(f"dpo share_prompt: {type(model).__name__} does not honour the shared-prompt "
-                              f"attention mask ({problem}); computing chosen and rejected as separate rows. Set "
-                              f"algorithm.share_prompt: false to skip this check.", stacklevel=1)
-                self.share_prompt = False
-                return
-
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.adapter_reference:
             with self.model.disable_adapter():
-                return self._sequence_logps(self.model, batch)[0]
+                return sequence_logps(self.model, batch)[0]
         self.reference.eval()  # no dropout in the reference, whatever mode Lightning set
-        return self._sequence_logps(self.reference, batch)[0]
+        return sequence_logps(self.reference, batch)[0]
 
     @torch.no_grad()
     def _mismatched(self, rows: list[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,10 +181,10 @@ class DirectPreference(L.LightningModule):
         encoded = encode_pairs(self.policy.tokenizer, [r.prompt for r in shifted], [r.chosen for r in shifted],
                                self.config.max_length)
         batch = {k: torch.tensor(v, device=self.device) for k, v in encoded.items()}
-        return self._sequence_logps(self.model, batch)[0], self._reference_logps(batch)
+        return sequence_logps(self.model, batch)[0], self._reference_logps(batch)
 
     def _preference_batch(self, chunk: dict[str, torch.Tensor]) -> PreferenceBatch:
-        logps, tokens = self._sequence_logps(self.model, chunk)
+        logps, tokens = sequence_logps(self.model, chunk)
         b = logps.shape[0] // 2
         batch = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
         if self.needs_mismatched:
@@ -303,7 +214,7 @@ class DirectPreference(L.LightningModule):
         pairs = batch["index"].shape[0]
         world = self.trainer.world_size
         per_chunk = self.section.micro_batch_size
-        chunks = [self._pair_slice(batch, i, min(i + per_chunk, pairs)) for i in range(0, pairs, per_chunk)]
+        chunks = [pair_slice(batch, i, min(i + per_chunk, pairs)) for i in range(0, pairs, per_chunk)]
         sums: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(chunks):
             n = chunk["index"].shape[0]
@@ -340,15 +251,6 @@ class DirectPreference(L.LightningModule):
         if self.section.eval_every_n_steps and step % self.section.eval_every_n_steps == 0:
             self._evaluate("eval")
 
-    @staticmethod
-    def _pair_slice(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
-        """Pairs ``start:end`` of a batch, chosen and rejected kept together."""
-        if "segment" in batch:  # one row per pair
-            return {k: v[start:end] for k, v in batch.items()}
-        b = batch["index"].shape[0]
-        rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)])
-        return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
-
     # ------------------------------------------------------------ reference
     def _reference_table(self, rows: list[Preference] | list[Feedback], mismatched: bool = False) -> torch.Tensor:
         """``[N, 2]`` reference log-probs of the chosen and rejected response of each row
@@ -358,7 +260,7 @@ class DirectPreference(L.LightningModule):
         out = []
         size = self.config.eval_batch_size
         for start in range(0, len(rows), size):
-            batch = {k: v.to(self.device) for k, v in self._encode(rows[start:start + size]).items()}
+            batch = {k: v.to(self.device) for k, v in self.encode(rows[start:start + size]).items()}
             out.append(self._reference_logps(batch).view(2, -1).T.cpu())
         return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -384,7 +286,8 @@ class DirectPreference(L.LightningModule):
         if mover is not None:
             mover(self.device)
         if not self.unpaired:
-            self._check_shared_prompt(self._check_rows())
+            models = [self.model] + ([self.reference] if self.reference is not None else [])
+            self.encode.check(models, self._check_rows(), self.device)
         if self.global_step == 0:
             self._evaluate("eval_before")
             evaluation.write_samples(self, "before")
@@ -393,7 +296,7 @@ class DirectPreference(L.LightningModule):
         self._last_time = time.perf_counter()
 
     def _check_rows(self) -> list[Preference]:
-        """Two pairs for :meth:`_check_shared_prompt`: training pairs, or (online) the first
+        """Two pairs for the shared-prompt check: training pairs, or (online) the first
         prompts with their own words as responses, one forwards and one reversed."""
         if self.config.online is None:
             return list(self.rows[:2])

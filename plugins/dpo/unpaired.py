@@ -18,6 +18,7 @@ import torch
 
 from rlhfkit import Feedback, FeedbackBatch, UserError, encode_pairs, gradient_sync, micro_batches
 from rlhfkit.plugins.dpo import losses
+from rlhfkit.plugins.dpo.logps import sequence_logps
 
 _PARTS = ("input_ids", "attention_mask", "labels_mask")
 
@@ -69,7 +70,7 @@ def backward(module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     # 1. z0's inputs: every row's mismatched pair under the policy and the reference (no grad),
     #    from every device
     with torch.no_grad():
-        mismatched = torch.cat([module._sequence_logps(module.model, _part(c, "mismatched_"))[0] for c in chunks])
+        mismatched = torch.cat([sequence_logps(module.model, _part(c, "mismatched_"))[0] for c in chunks])
         ref_mismatched = (table[batch["index"].cpu(), 1].to(module.device) if table is not None else
                           torch.cat([module._reference_logps(_part(c, "mismatched_")) for c in chunks]))
     mismatched, ref_mismatched = (module.all_gather(x).flatten() for x in (mismatched, ref_mismatched))
@@ -82,7 +83,7 @@ def backward(module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         n = chunk["index"].shape[0]
         completions = _part(chunk, "")
         with gradient_sync(module, last=i == len(chunks) - 1):
-            logps, tokens = module._sequence_logps(module.model, completions)
+            logps, tokens = sequence_logps(module.model, completions)
             ref = (table[chunk["index"].cpu(), 0].to(module.device) if table is not None
                    else module._reference_logps(completions))
             term = module.objective(FeedbackBatch(logps, tokens, chunk["desirable"], ref, mismatched, ref_mismatched))
@@ -144,7 +145,7 @@ def evaluate(module: Any, rows: list[Feedback]) -> dict[str, float]:
     for start in range(0, len(rows), size):
         items = list(enumerate(rows[start:start + size], start))
         batch = {k: v.to(module.device) for k, v in encode(module, items, mismatched=False).items()}
-        logps, tokens = module._sequence_logps(module.model, _part(batch, ""))
+        logps, tokens = sequence_logps(module.model, _part(batch, ""))
         if not module.needs_reference:
             rewards.append(logps / tokens.clamp(min=1))
         elif module.precomputed_eval is not None:

@@ -1,0 +1,124 @@
+"""How preference pairs become tensors and summed response log-probs: two rows per pair,
+or one shared-prompt row (prompt, chosen, rejected; see :func:`rlhfkit.encode_preferences`)."""
+
+from __future__ import annotations
+
+import warnings
+from array import array
+from typing import Any
+
+import torch
+
+from rlhfkit import (
+    Preference,
+    layout_preferences,
+    logprobs_from_logits,
+    masked_sum,
+    positions_from_mask,
+    shared_prompt_mask,
+    tokenize_preferences,
+)
+
+
+class PairEncoder:
+    """Token tensors of preference pairs, in the shared-prompt layout while ``shared`` (off
+    after a failed :meth:`check`) or as two rows. Training rows, passed with their
+    ``indices``, are tokenized once and kept as int32 arrays."""
+
+    def __init__(self, tokenizer: Any, max_length: int, shared: bool):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.shared = shared
+        self._tokens: dict[int, tuple[array, array, array]] = {}
+
+    def __call__(self, rows: list[Preference], shared: bool | None = None,
+                 indices: list[int] | None = None) -> dict[str, torch.Tensor]:
+        if indices is None:
+            triples = tokenize_preferences(self.tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
+                                           [r.rejected for r in rows])
+        else:
+            missing = [(i, r) for i, r in zip(indices, rows, strict=True) if i not in self._tokens]
+            if missing:
+                fresh = tokenize_preferences(self.tokenizer, [r.prompt for _, r in missing],
+                                             [r.chosen for _, r in missing], [r.rejected for _, r in missing])
+                for (i, _), triple in zip(missing, fresh, strict=True):
+                    self._tokens[i] = tuple(array("i", part) for part in triple)
+            triples = [tuple(part.tolist() for part in self._tokens[i]) for i in indices]
+        encoded = layout_preferences(triples, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                     self.max_length, shared=self.shared if shared is None else shared)
+        return {name: torch.tensor(values) for name, values in encoded.items()}
+
+    def check(self, models: list[torch.nn.Module], rows: list[Preference], device: torch.device) -> None:
+        """Before training: each model's shared-prompt log-probs must equal those of
+        separate rows (:func:`shared_prompt_problem`); otherwise warn and use separate rows."""
+        if not self.shared or not rows:
+            return
+        shared = {k: v.to(device) for k, v in self(rows, shared=True).items()}
+        separate = {k: v.to(device) for k, v in self(rows, shared=False).items()}
+        for model in models:
+            problem = shared_prompt_problem(model, shared, separate)
+            if problem is not None:
+                warnings.warn(f"dpo share_prompt: {type(model).__name__} does not honour the shared-prompt "
+                              f"attention mask ({problem}); computing chosen and rejected as separate rows. Set "
+                              f"algorithm.share_prompt: false to skip this check.", stacklevel=1)
+                self.shared = False
+                return
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs ``[2B]`` and response token counts ``[2B]`` (chosen,
+    then rejected; or one per row for single completions)."""
+    if "segment" in batch:
+        return shared_logps(model, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+    labels = batch["labels_mask"][:, 1:].float()
+    return masked_sum(logprobs, labels, dim=1), labels.sum(1)
+
+
+def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-prompt layout: one forward over prompt, chosen, rejected; each
+    response's tokens are read from the columns that predict them."""
+    ids = batch["input_ids"]
+    eager = getattr(model.config, "_attn_implementation", "eager") == "eager"  # adds its mask to the scores
+    dtype = next(model.parameters()).dtype
+    mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"]).logits
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    logps, tokens = [], []
+    for side in ("chosen", "rejected"):
+        scored = batch[f"{side}_scored"].float()
+        logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], ids[rows, batch[f"{side}_target"]])
+        logps.append(masked_sum(logprobs, scored, dim=1))
+        tokens.append(scored.sum(1))
+    return torch.cat(logps), torch.cat(tokens)
+
+
+@torch.no_grad()
+def shared_prompt_problem(model: torch.nn.Module, shared: dict[str, torch.Tensor],
+                          separate: dict[str, torch.Tensor]) -> str | None:
+    """Why ``model``'s shared-prompt log-probs differ from those of separate rows (a model
+    that builds its own mask, or attention that ignores a 4-D mask), or ``None``. The
+    model is evaluated in eval mode and its mode restored."""
+    mode = model.training
+    model.eval()
+    try:
+        a, b = shared_logps(model, shared)[0].float(), sequence_logps(model, separate)[0].float()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(mode)
+    wide = next(model.parameters()).dtype == torch.float32
+    if torch.allclose(a, b, rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
+        return None
+    return f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
+
+
+def pair_slice(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
+    """Pairs ``start:end`` of a batch, chosen and rejected kept together."""
+    if "segment" in batch:  # one row per pair
+        return {k: v[start:end] for k, v in batch.items()}
+    b = batch["index"].shape[0]
+    rows = torch.cat([torch.arange(start, end), torch.arange(b + start, b + end)])
+    return {k: (v[start:end] if k == "index" else v[rows]) for k, v in batch.items()}
