@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,25 +81,25 @@ class Unparsable(str):
     """Why a record (a JSON line) could not be read; a malformed row like any other."""
 
 
-class Records:
+class Records(ABC):
     """The records of one file: its column names, and the records with where each is."""
 
     def __init__(self, columns: list[str]):
         self.columns = columns
 
+    @abstractmethod
     def __len__(self) -> int:
         """How many records the file holds, valid or not (a JSON line that does not
         parse is one)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def select(self, column_of: dict[str, str]) -> Iterator[Item]:
         """``(where, {field: value})`` for each record, from the columns ``column_of``
         names (``{schema field: file column}``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def take(self, indices: list[int], column_of: dict[str, str]) -> list[Item]:
         """Like :meth:`select`, for the records at ``indices`` (0-based, in that order)."""
-        raise NotImplementedError
 
 
 class JsonRecords(Records):
