@@ -43,8 +43,8 @@ _LAZY = {
                     "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
                     "positions_from_mask", "shared_prompt_mask", "whiten")},
     **{name: "rlhfkit.training"
-       for name in ("gradient_sync", "log_now", "log_step", "micro_batches", "optimizer_step", "rank_seed",
-                    "step_loader", "total_steps", "adamw")},
+       for name in ("gradient_sync", "latest_metrics", "log_now", "log_step", "micro_batches", "optimizer_step",
+                    "rank_seed", "step_loader", "total_steps", "adamw")},
 }
 
 
@@ -109,6 +109,7 @@ __all__ = [
     "hookimpl",
     "kl_estimate",
     "last_real_index",
+    "latest_metrics",
     "layout_preferences",
     "lazy",
     "load_plugins",

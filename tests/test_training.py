@@ -7,7 +7,14 @@ import lightning as L
 import torch
 from helpers import read_metrics
 
-from rlhfkit.training import MetricsCSV, ResumableCheckpoint, log_step
+from rlhfkit.training import (
+    ConsoleLines,
+    MetricsCSV,
+    MetricsProgressBar,
+    ResumableCheckpoint,
+    latest_metrics,
+    log_step,
+)
 
 
 def _steps(path):
@@ -103,3 +110,26 @@ def test_a_checkpoint_is_written_after_its_steps_metrics_row_and_resume_leaves_n
     resumed = read_metrics(interrupted / "metrics.csv")
     assert [r["step"] for r in resumed] == [r["step"] for r in clean]
     assert "123.0" not in [r["train/loss"] for r in resumed]
+
+
+def test_log_step_feeds_the_console_lines_and_latest_metrics(tmp_path, capsys):
+    """log_step's values, as floats, are what the console lines print and what stage
+    summaries read (latest_metrics), without Lightning's self.log."""
+    path = tmp_path / "metrics.csv"
+    module = _Tiny()
+    _trainer(tmp_path, [ConsoleLines(every=3, total=6)], MetricsCSV(path, on_row=lambda *a: None), 6).fit(module)
+    latest = latest_metrics(module)
+    assert set(latest) == {"train/loss"} and isinstance(latest["train/loss"], float)
+    assert latest["train/loss"] == float(read_metrics(path)[-1]["train/loss"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+    assert lines[-1].endswith(f"train/loss={latest['train/loss']:.4g}")
+
+
+def test_the_progress_bar_shows_log_step_metrics(tmp_path):
+    module = _Tiny()
+    bar = MetricsProgressBar()
+    trainer = _trainer(tmp_path, [], MetricsCSV(tmp_path / "metrics.csv", on_row=lambda *a: None), 2)
+    trainer.fit(module)
+    shown = bar.get_metrics(trainer, module)
+    assert shown["train/loss"] == f"{latest_metrics(module)['train/loss']:.4g}"

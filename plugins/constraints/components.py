@@ -162,7 +162,8 @@ class PretrainMix:
                                self.config.max_length)
         ids, mask, labels = (torch.tensor(encoded[k], device=algorithm.device)
                              for k in ("input_ids", "attention_mask", "labels_mask"))
-        logits = algorithm.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        logits = algorithm.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                                 use_cache=False).logits
         logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
         nll = -masked_mean(logprobs, labels[:, 1:].float())
         return LossTerm(self.config.coef * nll, {"ptx/nll": nll.detach()})

@@ -35,7 +35,8 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, rollout: Rollout) -> torch.Tensor:
         ids, mask, positions = joined(rollout)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state
         p = rollout.prompt_ids.shape[1]
         values = self.head(hidden[:, p - 1:-1]).squeeze(-1).float()
         return values * rollout.response_mask.to(values.dtype)

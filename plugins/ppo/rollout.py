@@ -27,7 +27,7 @@ def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """``[B, T, H]`` last hidden states at the positions that predict each response token
     (the state before token t is emitted: what a value head reads)."""
     ids, mask, positions = joined(rollout)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
     p = rollout.prompt_ids.shape[1]
     return out.hidden_states[-1][:, p - 1:-1]
 
@@ -38,7 +38,7 @@ def policy_forward(model: torch.nn.Module, rollout: Rollout, temperature: float,
     when enabled) and the entropy ``[B, T]`` (with grad only if ``entropy_grad``)."""
     ids, mask, positions = joined(rollout)
     p = rollout.prompt_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, p - 1:-1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, p - 1:-1]
     logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature)

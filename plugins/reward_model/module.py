@@ -19,6 +19,7 @@ from rlhfkit import (
     adamw,
     encode_pairs,
     gradient_sync,
+    latest_metrics,
     log_now,
     log_step,
     logprobs_from_logits,
@@ -228,7 +229,7 @@ class RewardModelTraining(L.LightningModule):
                 out[f"{prefix}{name}"] = value
         if self.history.get("normalization"):
             out["reward_mean_removed"] = self.history["normalization"]["mean"]
-        loss = self.trainer.callback_metrics.get("train/loss")
+        loss = latest_metrics(self).get("train/loss")
         if loss is not None:
             out["train_loss"] = float(loss)
         return out

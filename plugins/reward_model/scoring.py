@@ -53,7 +53,7 @@ def score_and_logits(model: torch.nn.Module, head: ScalarHead, input_ids: torch.
     """One backbone forward: scores ``[N]`` and, when asked, LM logits ``[N, L, V]``."""
     lm = causal_lm(model)
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=positions_from_mask(attention_mask)).last_hidden_state
+                           position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
     logits = lm.get_output_embeddings()(hidden) if with_logits else None
     return head(hidden, attention_mask), logits
 
@@ -123,7 +123,7 @@ class RewardModelSource:
                                    responses[i:i + self.batch_size], self.max_length)
             mask = torch.tensor(encoded["attention_mask"], device=device)
             logits = self.model(input_ids=torch.tensor(encoded["input_ids"], device=device),
-                                attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+                                attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
             out.append(logits[:, 0].float())
         return torch.cat(out) if out else torch.zeros(0)
 

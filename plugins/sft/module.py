@@ -17,6 +17,7 @@ from rlhfkit import (
     UserError,
     adamw,
     gradient_sync,
+    latest_metrics,
     log_now,
     log_step,
     logprobs_from_logits,
@@ -44,7 +45,7 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     """Summed NLL of the labelled tokens of ``batch`` (``input_ids``, ``attention_mask``,
     ``labels_mask``, as ``tokenize_pairs`` makes them) and their count. Token t+1 is
     predicted from tokens <= t, so the labels mask is shifted by one."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logprobs = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
     mask = batch["labels_mask"][:, 1:].to(logprobs.dtype)
     return -(logprobs * mask).sum(), mask.sum()
@@ -196,7 +197,7 @@ class SFT(L.LightningModule):
             out["perplexity_before"] = self.history["eval_before"]
         if "eval" in self.history:
             out["perplexity_after"] = self.history["eval"]
-        loss = self.trainer.callback_metrics.get("train/loss")
+        loss = latest_metrics(self).get("train/loss")
         if loss is not None:
             out["train_loss"] = float(loss)
         return out
