@@ -37,9 +37,10 @@ What is the same on both sides:
 
 How each side computes that forward is its own: TRL concatenates the chosen and rejected
 rows (``[2B, P + R]``); rlhfkit, by default, computes each prompt once (``share_prompt``:
-``[B, P + 2R]``, the rejected response masked from the chosen one) and runs GPT-2's GELU
-as one fused kernel (``fused_activations``). ``--no-share-prompt`` and
-``--no-fused-activations`` turn them off, to measure what each contributes.
+``[B, P + 2R - 2]``, the rejected response masked from the chosen one, each response's
+last token a target only) and runs GPT-2's GELU as one fused kernel
+(``fused_activations``). ``--no-share-prompt`` and ``--no-fused-activations`` turn them
+off, to measure what each contributes.
 
 Each side trains as its users run it: rlhfkit from a recipe file, its stage built through
 the registry and Lightning trainer as ``rlhfkit run`` builds it (the CLI's ``MKL_CBWR``
@@ -287,9 +288,10 @@ def batch_record(batch: dict[str, Any]) -> dict[str, Any]:
     response token sequences (the same on both sides when they train on the same pairs),
     their token count, and the shape of the tensor the model is given."""
     ids = batch["input_ids"]
-    if "segment" in batch:  # rlhfkit's shared-prompt rows: prompt + chosen, prompt + rejected
-        sequences = [ids[i][(batch["segment"][i] == 1) | (batch["segment"][i] == side)].tolist()
-                     for side in (2, 3) for i in range(ids.shape[0])]
+    if "segment" in batch:  # rlhfkit's shared-prompt rows: prompt + chosen, prompt + rejected (labels)
+        sequences = [ids[i][batch["segment"][i] == 1].tolist()
+                     + batch[f"{side}_labels"][i][batch[f"{side}_scored"][i] == 1].tolist()
+                     for side in ("chosen", "rejected") for i in range(ids.shape[0])]
     else:
         sequences = [ids[i][batch["attention_mask"][i].bool()].tolist() for i in range(ids.shape[0])]
     digest = hashlib.sha256(json.dumps(sorted(sequences)).encode()).hexdigest()[:16]

@@ -43,11 +43,13 @@ def encode_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[
     rejected rows.
 
     ``shared=True``: one ``[B, L]`` row per pair, ``prompt, chosen, rejected``, right-padded,
-    for one forward that computes the prompt once:
+    for one forward that computes the prompt once. A response's last token is only ever a
+    target (its logits predict nothing, and no later token of the row attends to it), so
+    it is not in the row: ``L`` is ``P + C + R - 2``.
         ``input_ids``; ``position_ids`` (the rejected response continues from the prompt,
         as the chosen one does); ``segment``: 1 prompt, 2 chosen, 3 rejected, 0 padding
         (attend causally, never to padding, and never from rejected to chosen);
-        ``chosen_target`` / ``rejected_target``: the columns of each response's tokens,
+        ``chosen_labels`` / ``rejected_labels``: each response's tokens (EOS included),
         ``chosen_source`` / ``rejected_source``: the columns whose logits predict them
         (the prompt's last token predicts both first tokens), ``chosen_scored`` /
         ``rejected_scored``: 1 on tokens that have a predictor (all but a first token
@@ -80,24 +82,23 @@ def layout_preferences(triples: Sequence[tuple[list[int], list[int], list[int]]]
     triples = cut
     if not shared:
         return _padded([(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], pad)
-    width = max(len(p) + len(c) + len(r) for p, c, r in triples)
+    width = max(len(p) + len(c) + len(r) - 2 for p, c, r in triples)
     longest = {"chosen": max(len(c) for _, c, _ in triples), "rejected": max(len(r) for _, _, r in triples)}
     out: dict[str, list[list[int]]] = {name: [] for name in (
-        "input_ids", "position_ids", "segment", "chosen_target", "chosen_source", "chosen_scored",
-        "rejected_target", "rejected_source", "rejected_scored")}
+        "input_ids", "position_ids", "segment", "chosen_labels", "chosen_source", "chosen_scored",
+        "rejected_labels", "rejected_source", "rejected_scored")}
     for p, c, r in triples:
-        n, fill = len(p), width - len(p) - len(c) - len(r)
-        out["input_ids"].append(p + c + r + [pad] * fill)
-        out["position_ids"].append(list(range(n + len(c))) + list(range(n, n + len(r))) + [0] * fill)
-        out["segment"].append([1] * n + [2] * len(c) + [3] * len(r) + [0] * fill)
-        for side, response, start in (("chosen", c, n), ("rejected", r, n + len(c))):
-            targets = list(range(start, start + len(response)))
-            sources = [n - 1] + targets[:-1] if side == "rejected" else [t - 1 for t in targets]
-            scored = [int(s >= 0) for s in sources]
+        n, fill = len(p), width - (len(p) + len(c) + len(r) - 2)
+        out["input_ids"].append(p + c[:-1] + r[:-1] + [pad] * fill)
+        out["position_ids"].append(list(range(n + len(c) - 1)) + list(range(n, n + len(r) - 1)) + [0] * fill)
+        out["segment"].append([1] * n + [2] * (len(c) - 1) + [3] * (len(r) - 1) + [0] * fill)
+        for side, response, start in (("chosen", c, n), ("rejected", r, n + len(c) - 1)):
+            # token 0 is predicted by the prompt's last column, token j > 0 by the column of token j - 1
+            sources = [n - 1] + list(range(start, start + len(response) - 1))
             extra = longest[side] - len(response)
-            out[f"{side}_target"].append(targets + [0] * extra)
+            out[f"{side}_labels"].append(response + [0] * extra)
             out[f"{side}_source"].append([max(s, 0) for s in sources] + [0] * extra)
-            out[f"{side}_scored"].append(scored + [0] * extra)
+            out[f"{side}_scored"].append([int(s >= 0) for s in sources] + [0] * extra)
     return out
 
 

@@ -36,18 +36,19 @@ def test_the_layout_by_hand(tokenizer):
     ids = {w: tokenizer.convert_tokens_to_ids(w) for w in WORDS}
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out = encode_preferences(tokenizer, ["a b"], ["c"], ["d e"], 16, shared=True)
-    assert out["input_ids"] == [[ids["a"], ids["b"], ids["c"], eos, ids["d"], ids["e"], eos]]
-    assert out["position_ids"] == [[0, 1, 2, 3, 2, 3, 4]]
-    assert out["segment"] == [[1, 1, 2, 2, 3, 3, 3]]
-    assert out["chosen_target"] == [[2, 3]] and out["chosen_source"] == [[1, 2]]
-    assert out["rejected_target"] == [[4, 5, 6]] and out["rejected_source"] == [[1, 4, 5]]
+    # each response's last token (here both EOS) is a target only, not an input column
+    assert out["input_ids"] == [[ids["a"], ids["b"], ids["c"], ids["d"], ids["e"]]]
+    assert out["position_ids"] == [[0, 1, 2, 2, 3]]
+    assert out["segment"] == [[1, 1, 2, 3, 3]]
+    assert out["chosen_labels"] == [[ids["c"], eos]] and out["chosen_source"] == [[1, 2]]
+    assert out["rejected_labels"] == [[ids["d"], ids["e"], eos]] and out["rejected_source"] == [[1, 3, 4]]
     assert out["chosen_scored"] == [[1, 1]] and out["rejected_scored"] == [[1, 1, 1]]
-    # two pairs: right padding of the row and of the shorter index lists
+    # two pairs: right padding of the row and of the shorter label lists
     two = encode_preferences(tokenizer, ["a b", "a"], ["c", "b c d"], ["d e", "e f"], 16, shared=True)
-    assert two["input_ids"][1] == [ids["a"], ids["b"], ids["c"], ids["d"], eos, ids["e"], ids["f"], eos]
+    assert two["input_ids"][1] == [ids["a"], ids["b"], ids["c"], ids["d"], ids["e"], ids["f"]]
     assert two["input_ids"][0] == out["input_ids"][0] + [pad] and two["segment"][0][-1] == 0
-    assert two["chosen_target"][0] == [2, 3, 0, 0] and two["chosen_scored"][0] == [1, 1, 0, 0]
-    assert two["rejected_target"][1] == [5, 6, 7] and two["rejected_source"][1] == [0, 5, 6]
+    assert two["chosen_labels"][0] == [ids["c"], eos, 0, 0] and two["chosen_scored"][0] == [1, 1, 0, 0]
+    assert two["rejected_labels"][1] == [ids["e"], ids["f"], eos] and two["rejected_source"][1] == [0, 4, 5]
     # separate rows, no cut: encode_pairs's layout
     separate = encode_preferences(tokenizer, ["a b", "a"], ["c", "b c d"], ["d e", "e f"], 16, shared=False)
     assert separate == encode_pairs(tokenizer, ["a b", "a"] * 2, ["c", "b c d", "d e", "e f"], 16)
@@ -61,10 +62,10 @@ def test_both_responses_of_a_pair_see_the_same_cut_prompt(tokenizer):
     assert [row[:2] for row in out["input_ids"]] == [[ids["c"], ids["d"]]] * 2
     assert [sum(row) for row in out["labels_mask"]] == [2, 4]
     shared = encode_preferences(tokenizer, ["a b c d"], ["e"], ["f g a"], 6, shared=True)
-    assert shared["segment"] == [[1, 1, 2, 2, 3, 3, 3, 3]]
+    assert shared["segment"] == [[1, 1, 2, 3, 3, 3]]  # less each response's last token
     # a response longer than max_length leaves no prompt: its first token has no predictor
     empty = encode_preferences(tokenizer, ["a"], ["b c d"], ["e"], 3, shared=True)
-    assert empty["segment"] == [[2, 2, 2, 3, 3]]
+    assert empty["segment"] == [[2, 2, 3]]
     assert empty["chosen_scored"] == [[0, 1, 1]] and empty["rejected_scored"] == [[0, 1]]
 
 
@@ -122,10 +123,10 @@ class _IgnoresMask(torch.nn.Module):
         self.inner = model
         self.config = model.config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = None
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
@@ -150,3 +151,28 @@ def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
     assert "does not honour the shared-prompt attention mask" in messages[0]
     assert "share_prompt: false" in messages[0]
     assert model.training  # the check restores the mode
+
+
+def test_training_rows_are_tokenized_once_before_the_steps(tokenizer):
+    """PairEncoder.tokenize_all fills the token cache; a step's batch then calls no
+    tokenizer and equals a freshly tokenized one, in both layouts."""
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+            self.eos_token_id, self.pad_token_id = inner.eos_token_id, inner.pad_token_id
+
+        def __call__(self, texts, **kwargs):
+            calls.append(len(texts))
+            return self.inner(texts, **kwargs)
+
+    encoder = PairEncoder(Counting(tokenizer), 64, shared=True)
+    encoder.tokenize_all(PAIRS, chunk=2)
+    assert calls == [2, 2, 2, 1, 1, 1]  # prompts, chosen, rejected per chunk of 2 rows
+    for shared in (True, False):
+        batch = encoder([PAIRS[2], PAIRS[0]], shared=shared, indices=[2, 0])
+        expected = encode(tokenizer, [PAIRS[2], PAIRS[0]], shared)
+        assert batch.keys() == expected.keys()
+        assert all(torch.equal(batch[k], expected[k]) for k in batch)
+    assert len(calls) == 6

@@ -23,13 +23,26 @@ from rlhfkit import (
 class PairEncoder:
     """Token tensors of preference pairs, in the shared-prompt layout while ``shared`` (off
     after a failed :meth:`check`) or as two rows. Training rows, passed with their
-    ``indices``, are tokenized once and kept as int32 arrays."""
+    ``indices``, are tokenized once (all at once by :meth:`tokenize_all`, or when first
+    drawn) and kept as int32 arrays."""
 
     def __init__(self, tokenizer: Any, max_length: int, shared: bool):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.shared = shared
         self._tokens: dict[int, tuple[array, array, array]] = {}
+
+    def tokenize_all(self, rows: list[Preference], chunk: int = 4096) -> None:
+        """Tokenize training rows ``0..N-1`` before training, in large batches (as a
+        pre-tokenized dataset would be), so that a step only lays out cached ids."""
+        for start in range(0, len(rows), chunk):
+            self._remember(list(range(start, min(start + chunk, len(rows)))), rows[start:start + chunk])
+
+    def _remember(self, indices: list[int], rows: list[Preference]) -> None:
+        fresh = tokenize_preferences(self.tokenizer, [r.prompt for r in rows], [r.chosen for r in rows],
+                                     [r.rejected for r in rows])
+        for i, triple in zip(indices, fresh, strict=True):
+            self._tokens[i] = tuple(array("i", part) for part in triple)
 
     def __call__(self, rows: list[Preference], shared: bool | None = None,
                  indices: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -39,10 +52,7 @@ class PairEncoder:
         else:
             missing = [(i, r) for i, r in zip(indices, rows, strict=True) if i not in self._tokens]
             if missing:
-                fresh = tokenize_preferences(self.tokenizer, [r.prompt for _, r in missing],
-                                             [r.chosen for _, r in missing], [r.rejected for _, r in missing])
-                for (i, _), triple in zip(missing, fresh, strict=True):
-                    self._tokens[i] = tuple(array("i", part) for part in triple)
+                self._remember([i for i, _ in missing], [r for _, r in missing])
             triples = [tuple(part.tolist() for part in self._tokens[i]) for i in indices]
         encoded = layout_preferences(triples, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                                      self.max_length, shared=self.shared if shared is None else shared)
@@ -71,25 +81,26 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     if "segment" in batch:
         return shared_logps(model, batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
     logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
     labels = batch["labels_mask"][:, 1:].float()
     return masked_sum(logprobs, labels, dim=1), labels.sum(1)
 
 
 def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared-prompt layout: one forward over prompt, chosen, rejected; each
-    response's tokens are read from the columns that predict them."""
+    """The shared-prompt layout: one forward over prompt, chosen, rejected (less each
+    response's last token); each response's tokens are read from the columns that
+    predict them."""
     ids = batch["input_ids"]
     eager = getattr(model.config, "_attn_implementation", "eager") == "eager"  # adds its mask to the scores
     dtype = next(model.parameters()).dtype
     mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"]).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False).logits
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
     logps, tokens = [], []
     for side in ("chosen", "rejected"):
         scored = batch[f"{side}_scored"].float()
-        logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], ids[rows, batch[f"{side}_target"]])
+        logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], batch[f"{side}_labels"])
         logps.append(masked_sum(logprobs, scored, dim=1))
         tokens.append(scored.sum(1))
     return torch.cat(logps), torch.cat(tokens)

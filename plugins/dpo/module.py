@@ -260,7 +260,8 @@ class DirectPreference(L.LightningModule):
         out = []
         size = self.config.eval_batch_size
         for start in range(0, len(rows), size):
-            batch = {k: v.to(self.device) for k, v in self.encode(rows[start:start + size]).items()}
+            cached = list(range(start, min(start + size, len(rows)))) if rows is self.rows else None
+            batch = {k: v.to(self.device) for k, v in self.encode(rows[start:start + size], indices=cached).items()}
             out.append(self._reference_logps(batch).view(2, -1).T.cpu())
         return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -286,6 +287,8 @@ class DirectPreference(L.LightningModule):
         if mover is not None:
             mover(self.device)
         if not self.unpaired:
+            if self.config.online is None:
+                self.encode.tokenize_all(self.rows)
             models = [self.model] + ([self.reference] if self.reference is not None else [])
             self.encode.check(models, self._check_rows(), self.device)
         if self.global_step == 0:
