@@ -19,6 +19,9 @@ from rlhfkit.plugins.policy.tokenizer import build_word_tokenizer
 WORDS = ["a", "b", "c", "d", "e", "f", "g"]
 PAIRS = [Preference("a b c", "d e", "f"), Preference("g", "a b c d", "e f g a b"),
          Preference("b c d e f g", "a", "b c")]
+# prompts long enough that the response columns are fewer than the row's: the LM head runs on those only
+LONG_PAIRS = [Preference("a b c d e f g a b", "d e", "f"), Preference("g f e d c b a g", "a b c", "e f")]
+TOKENS = {"short": [3, 5, 2, 2, 6, 3], "long": [3, 4, 2, 3]}
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +87,11 @@ def test_the_mask_by_hand():
 FAMILIES = ["gpt2", "opt", "llama", "qwen2"]
 
 
+@pytest.mark.parametrize("rows", ["short", "long"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, attention):
+def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, attention, rows):
+    pairs = PAIRS if rows == "short" else LONG_PAIRS
     torch.manual_seed(0)
     config = architecture_config(ArchitectureConfig(family=family, layers=2, hidden=32, dropout=0.0), tokenizer)
     config._attn_implementation = attention
@@ -98,17 +103,19 @@ def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, at
     results = []
     for shared in (True, False):
         model.zero_grad()
-        logps, tokens = sequence_logps(model, encode(tokenizer, PAIRS, shared))
-        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        logps, tokens = sequence_logps(model, encode(tokenizer, pairs, shared))
+        (logps * torch.arange(1.0, 2 * len(pairs) + 1)).sum().backward()
         results.append((logps.detach(), tokens, [p.grad.clone() for p in model.parameters()]))
     (a, ta, ga), (b, tb, gb) = results
-    # equal to float rounding (oneDNN may pick kernels by memory alignment: last bits differ between runs)
+    # equal to float rounding (oneDNN may pick kernels by memory alignment: last bits differ between runs).
+    # The shared path sums each gradient over fewer, differently ordered terms (its LM head sees only the
+    # response columns), so the absolute tolerance scales with the tensor's largest entry (up to ~30 here)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert ta.tolist() == tb.tolist() == [3, 5, 2, 2, 6, 3]
+    assert ta.tolist() == tb.tolist() == TOKENS[rows]
     for x, y in zip(ga, gb, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * max(1.0, float(y.abs().max())))
     # the mask matters: letting the rejected response see the chosen one changes its log-probs
-    batch = encode(tokenizer, PAIRS, True)
+    batch = encode(tokenizer, pairs, True)
     leaky = dict(batch, segment=torch.where(batch["segment"] == 3, 2, batch["segment"]))
     with torch.no_grad():
         c = shared_logps(model, leaky)[0]
@@ -176,3 +183,38 @@ def test_training_rows_are_tokenized_once_before_the_steps(tokenizer):
         assert batch.keys() == expected.keys()
         assert all(torch.equal(batch[k], expected[k]) for k in batch)
     assert len(calls) == 6
+
+
+def test_the_lm_head_runs_only_where_a_response_token_is_predicted(tokenizer):
+    """DPO's shared rows and PPO's policy forward ask the model for logits at the columns
+    they read (``logits_to_keep``), and get the values full logits would give."""
+    from rlhfkit import Rollout, logprobs_from_logits, positions_from_mask
+    from rlhfkit.plugins.ppo.rollout import policy_forward
+
+    torch.manual_seed(0)
+    config = architecture_config(ArchitectureConfig(family="llama", layers=2, hidden=32, dropout=0.0), tokenizer)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    batch = encode(tokenizer, LONG_PAIRS, True)
+    shared_logps(model, batch)
+    assert widths == [batch["chosen_source"].shape[1] + batch["rejected_source"].shape[1]] == [7]
+    assert batch["input_ids"].shape[1] == 13
+    widths.clear()  # short prompts: more response columns than the row's, so full logits
+    batch = encode(tokenizer, PAIRS, True)
+    shared_logps(model, batch)
+    assert widths == [batch["input_ids"].shape[1]]
+
+    prompt = torch.tensor([[0, 4, 5], [6, 7, 8]])   # left-padded (pad id 0 here is only masked)
+    rollout = Rollout(prompt_ids=prompt, prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                      response_ids=torch.tensor([[9, 10], [11, 0]]), response_mask=torch.tensor([[1, 1], [1, 0]]),
+                      logprobs=torch.zeros(2, 2), prompts=["", ""], responses=["", ""], group=torch.arange(2),
+                      truncated=torch.zeros(2, dtype=torch.bool))
+    widths.clear()
+    logprobs, _ = policy_forward(model, rollout, temperature=1.0, entropy_grad=False)
+    assert widths == [3]   # T + 1 columns: the prompt's last and the response's
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
+    full = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, 2:-1]
+    expected = logprobs_from_logits(full, rollout.response_ids) * rollout.response_mask
+    torch.testing.assert_close(logprobs, expected)

@@ -69,7 +69,8 @@ class PairEncoder:
             problem = shared_prompt_problem(model, shared, separate)
             if problem is not None:
                 warnings.warn(f"dpo share_prompt: {type(model).__name__} does not honour the shared-prompt "
-                              f"attention mask ({problem}); computing chosen and rejected as separate rows. Set "
+                              f"attention mask or 2-D logits_to_keep ({problem}); computing chosen and rejected "
+                              f"as separate rows. Set "
                               f"algorithm.share_prompt: false to skip this check.", stacklevel=1)
                 self.shared = False
                 return
@@ -89,21 +90,25 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared-prompt layout: one forward over prompt, chosen, rejected (less each
-    response's last token); each response's tokens are read from the columns that
-    predict them."""
+    response's last token). The LM head runs only at the columns that predict a response
+    token (``logits_to_keep``: ``[B, C + R, V]`` logits, not ``[B, L, V]``), unless the
+    padded response columns outnumber the row's."""
     ids = batch["input_ids"]
     eager = getattr(model.config, "_attn_implementation", "eager") == "eager"  # adds its mask to the scores
     dtype = next(model.parameters()).dtype
     mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False).logits
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-    logps, tokens = [], []
-    for side in ("chosen", "rejected"):
-        scored = batch[f"{side}_scored"].float()
-        logprobs = logprobs_from_logits(logits[rows, batch[f"{side}_source"]], batch[f"{side}_labels"])
-        logps.append(masked_sum(logprobs, scored, dim=1))
-        tokens.append(scored.sum(1))
-    return torch.cat(logps), torch.cat(tokens)
+    sources = torch.cat([batch["chosen_source"], batch["rejected_source"]], dim=1)
+    if sources.shape[1] < ids.shape[1]:  # fewer columns than the row: the LM head runs only there
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
+                       logits_to_keep=sources).logits
+    else:  # prompts so short that the padded response columns outnumber the row's
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False).logits
+        logits = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], sources]
+    logprobs = logprobs_from_logits(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]], dim=1))
+    scored = torch.cat([batch["chosen_scored"], batch["rejected_scored"]], dim=1).to(logprobs.dtype)
+    parts = (slice(0, batch["chosen_source"].shape[1]), slice(batch["chosen_source"].shape[1], None))
+    return (torch.cat([masked_sum(logprobs[:, part], scored[:, part], dim=1) for part in parts]),
+            torch.cat([scored[:, part].sum(1) for part in parts]))
 
 
 @torch.no_grad()

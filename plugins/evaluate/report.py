@@ -192,7 +192,7 @@ def _response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
     """``[B, T]`` log-probs of the response tokens (0 where the mask is 0)."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
-    p = prompt_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                   use_cache=False).logits[:, p - 1:-1]
+    t = response_ids.shape[1]  # the LM head runs on the T + 1 last columns only
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                   logits_to_keep=t + 1).logits[:, :-1]
     return logprobs_from_logits(logits.float(), response_ids) * response_mask

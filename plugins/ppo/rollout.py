@@ -27,7 +27,8 @@ def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """``[B, T, H]`` last hidden states at the positions that predict each response token
     (the state before token t is emitted: what a value head reads)."""
     ids, mask, positions = joined(rollout)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False,
+                logits_to_keep=1)  # only the hidden states are read
     p = rollout.prompt_ids.shape[1]
     return out.hidden_states[-1][:, p - 1:-1]
 
@@ -37,8 +38,9 @@ def policy_forward(model: torch.nn.Module, rollout: Rollout, temperature: float,
     """Log-probs ``[B, T]`` of the response tokens on ``logits / temperature`` (with grad
     when enabled) and the entropy ``[B, T]`` (with grad only if ``entropy_grad``)."""
     ids, mask, positions = joined(rollout)
-    p = rollout.prompt_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, p - 1:-1]
+    t = rollout.response_ids.shape[1]  # the LM head runs on the T + 1 last columns only
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=t + 1).logits[:, :-1]
     logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature)
