@@ -335,17 +335,31 @@ def optimizer_step(module: L.LightningModule, gradient_clip: float | None) -> to
     is this rank's shard's norm.
     """
     optimizer = module.optimizers()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) if params
             else torch.zeros(()))
     if gradient_clip is not None:
-        module.clip_gradients(optimizer, gradient_clip_val=gradient_clip, gradient_clip_algorithm="norm")
+        if params and _plain_clipping(module):  # what Lightning would do, reusing the norm just computed
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip, norm)
+        else:  # sharded or scaled gradients: the strategy and precision plugin clip
+            module.clip_gradients(optimizer, gradient_clip_val=gradient_clip, gradient_clip_algorithm="norm")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler = module.lr_schedulers()
     if scheduler is not None:
         scheduler.step()
     return norm
+
+
+def _plain_clipping(module: L.LightningModule) -> bool:
+    """Whether Lightning would clip with ``torch.nn.utils.clip_grad_norm_`` over all the
+    optimizer's parameters: its plain float precision, or bf16 autocast (no grad scaler).
+    Other plugins (FSDP, DeepSpeed, a GradScaler) clip their own way."""
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    plugin = module.trainer.precision_plugin
+    plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
+    return plain and hasattr(torch.nn.utils, "clip_grads_with_norm_")  # torch >= 2.6
 
 
 def adamw(groups: Sequence[tuple[Iterable[torch.nn.Parameter], OptimizerSettings]], total: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ which steps happened, whatever moment a kill lands."""
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from helpers import read_metrics
 
@@ -14,6 +15,7 @@ from rlhfkit.training import (
     ResumableCheckpoint,
     latest_metrics,
     log_step,
+    optimizer_step,
 )
 
 
@@ -133,3 +135,46 @@ def test_the_progress_bar_shows_log_step_metrics(tmp_path):
     trainer.fit(module)
     shown = bar.get_metrics(trainer, module)
     assert shown["train/loss"] == f"{latest_metrics(module)['train/loss']:.4g}"
+
+
+class _Clipped(_Tiny):
+    """One step through optimizer_step with clipping; records the gradients the optimizer
+    sees and how many times the gradient norm is computed."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.seen = {}
+
+    def training_step(self, batch, batch_idx):
+        from unittest import mock
+
+        loss = ((self.weight * 10 - batch[0]) ** 2).sum()
+        self.manual_backward(loss)
+        self.seen["raw"] = self.weight.grad.clone()
+        optimizer = self.optimizers().optimizer
+        real_step, real_norm = optimizer.step, torch._foreach_norm
+        norms = []
+
+        def step(*args, **kwargs):
+            self.seen["stepped"] = self.weight.grad.clone()
+            return real_step(*args, **kwargs)
+
+        with mock.patch.object(optimizer, "step", step), \
+                mock.patch.object(torch, "_foreach_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k)):
+            self.seen["norm"] = float(optimizer_step(self, self.clip))
+        self.seen["norm_calls"] = len(norms)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_optimizer_step_clips_as_lightning_does_with_one_norm(tmp_path, precision):
+    module = _Clipped(clip=0.5)
+    L.Trainer(max_steps=1, logger=False, accelerator="cpu", precision=precision, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(module)
+    raw, norm = module.seen["raw"], float(module.seen["raw"].norm())
+    assert module.seen["norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.5
+    torch.testing.assert_close(module.seen["stepped"], raw * 0.5 / (norm + 1e-6))  # clip_grad_norm_'s formula
+    assert module.seen["norm_calls"] == 1
