@@ -39,7 +39,7 @@ from rlhfkit.tokens import encode_pairs, encode_preferences, layout_preferences,
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
 _LAZY = {
     **{name: "rlhfkit.ops"
-       for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "last_real_index",
+       for name in ("RunningMoments", "entropy_from_logits", "kl_estimate", "labelled_logprobs", "last_real_index",
                     "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
                     "positions_from_mask", "shared_prompt_mask", "whiten")},
     **{name: "rlhfkit.training"
@@ -108,6 +108,7 @@ __all__ = [
     "gradient_sync",
     "hookimpl",
     "kl_estimate",
+    "labelled_logprobs",
     "last_real_index",
     "latest_metrics",
     "layout_preferences",

@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_only
 
 from rlhfkit.recipe import OptimizerSettings, TrainerSection
@@ -355,8 +356,6 @@ def _plain_clipping(module: L.LightningModule) -> bool:
     """Whether Lightning would clip with ``torch.nn.utils.clip_grad_norm_`` over all the
     optimizer's parameters: its plain float precision, or bf16 autocast (no grad scaler).
     Other plugins (FSDP, DeepSpeed, a GradScaler) clip their own way."""
-    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-
     plugin = module.trainer.precision_plugin
     plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
     return plain and hasattr(torch.nn.utils, "clip_grads_with_norm_")  # torch >= 2.6
@@ -410,9 +409,21 @@ def log_step(module: L.LightningModule, metrics: dict[str, Any]) -> None:
     also become :func:`latest_metrics` for the progress display. Lightning's ``self.log``
     is not used: it builds a metric object per key on every call (about 2 ms a key on CPU).
     """
-    values = {name: float(value) for name, value in metrics.items()}
+    values = _as_floats(metrics)
     module._latest_metrics = {**latest_metrics(module), **values}
     log_now(module, values)
+
+
+def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metric values as Python floats, the tensors read back in one transfer (one host
+    sync on an accelerator, not one per metric)."""
+    tensors = {name: value for name, value in metrics.items() if isinstance(value, torch.Tensor)}
+    read: dict[str, float] = {}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors.values()])
+        read = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {name: read[name] if name in read else float(value) for name, value in metrics.items()}
 
 
 def log_now(module: L.LightningModule, metrics: dict[str, float]) -> None:

@@ -19,10 +19,9 @@ from rlhfkit import (
     UserError,
     encode_pairs,
     kl_estimate,
-    logprobs_from_logits,
+    labelled_logprobs,
     masked_mean,
     masked_sum,
-    positions_from_mask,
 )
 from rlhfkit.plugins.constraints import (
     EntropyConfig,
@@ -160,12 +159,9 @@ class PretrainMix:
         tokenizer = algorithm.policy.tokenizer
         encoded = encode_pairs(tokenizer, [r.prompt for r in batch], [r.completion for r in batch],
                                self.config.max_length)
-        ids, mask, labels = (torch.tensor(encoded[k], device=algorithm.device)
-                             for k in ("input_ids", "attention_mask", "labels_mask"))
-        logits = algorithm.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                                 use_cache=False).logits
-        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
-        nll = -masked_mean(logprobs, labels[:, 1:].float())
+        logprobs, labels = labelled_logprobs(algorithm.model, {k: torch.tensor(v, device=algorithm.device)
+                                                               for k, v in encoded.items()})
+        nll = -masked_mean(logprobs, labels)
         return LossTerm(self.config.coef * nll, {"ptx/nll": nll.detach()})
 
 

@@ -33,8 +33,8 @@ class DPOConfig(OptimizerSettings):
                                   "reference model is then freed)")
     share_prompt: bool = Field(
         True, description="one forward per pair over prompt, chosen, rejected, the rejected response masked "
-                          "from the chosen one, so the prompt is computed once (P + C + R tokens, not "
-                          "2P + C + R); checked against two separate rows before training, and off with a "
+                          "from the chosen one, so the prompt is computed once (P + C + R - 2 tokens, "
+                          "not 2P + C + R); checked against two separate rows before training, and off with a "
                           "warning for a model that ignores custom attention masks")
     eval_batch_size: int = Field(64, ge=1, description="pairs per forward when evaluating")
     eval_prompts: int = Field(128, ge=1, description="held-out prompts answered greedily and scored with `gold`")

@@ -11,10 +11,10 @@ import torch
 
 from rlhfkit import (
     Preference,
+    labelled_logprobs,
     layout_preferences,
     logprobs_from_logits,
     masked_sum,
-    positions_from_mask,
     shared_prompt_mask,
     tokenize_preferences,
 )
@@ -70,8 +70,8 @@ class PairEncoder:
             if problem is not None:
                 warnings.warn(f"dpo share_prompt: {type(model).__name__} does not honour the shared-prompt "
                               f"attention mask or 2-D logits_to_keep ({problem}); computing chosen and rejected "
-                              f"as separate rows. Set "
-                              f"algorithm.share_prompt: false to skip this check.", stacklevel=1)
+                              f"as separate rows. Set algorithm.share_prompt: false to skip this check.",
+                              stacklevel=1)
                 self.shared = False
                 return
 
@@ -81,10 +81,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     then rejected; or one per row for single completions)."""
     if "segment" in batch:
         return shared_logps(model, batch)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
-    logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
-    labels = batch["labels_mask"][:, 1:].float()
+    logprobs, labels = labelled_logprobs(model, batch)
     return masked_sum(logprobs, labels, dim=1), labels.sum(1)
 
 

@@ -252,15 +252,16 @@ class DirectPreference(L.LightningModule):
             self._evaluate("eval")
 
     # ------------------------------------------------------------ reference
-    def _reference_table(self, rows: list[Preference] | list[Feedback], mismatched: bool = False) -> torch.Tensor:
+    def _reference_table(self, rows: list[Preference] | list[Feedback], training: bool = False) -> torch.Tensor:
         """``[N, 2]`` reference log-probs of the chosen and rejected response of each row
-        (unpaired rows: see ``unpaired.reference_table``)."""
+        (unpaired rows: see ``unpaired.reference_table``). ``training``: ``rows`` are the
+        training rows, whose tokens are cached and, unpaired, whose mismatched pairs count."""
         if rows and isinstance(rows[0], Feedback):
-            return unpaired.reference_table(self, rows, mismatched)
+            return unpaired.reference_table(self, rows, mismatched=training)
         out = []
         size = self.config.eval_batch_size
         for start in range(0, len(rows), size):
-            cached = list(range(start, min(start + size, len(rows)))) if rows is self.rows else None
+            cached = list(range(start, min(start + size, len(rows)))) if training else None
             batch = {k: v.to(self.device) for k, v in self.encode(rows[start:start + size], indices=cached).items()}
             out.append(self._reference_logps(batch).view(2, -1).T.cpu())
         return torch.cat(out) if out else torch.zeros(0, 2)
@@ -269,7 +270,7 @@ class DirectPreference(L.LightningModule):
         """Reference log-probs of every training and evaluation row, then the reference
         model is freed (its memory goes back before the first step)."""
         if self.precomputed is None:
-            self.precomputed = self._reference_table(self.rows, mismatched=True)
+            self.precomputed = self._reference_table(self.rows, training=True)
             self.precomputed_eval = self._reference_table(self.eval_rows)
         self._frozen.model = None
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from rlhfkit import StageContext, UserError, logprobs_from_logits, positions_from_mask
+from rlhfkit import StageContext, UserError, logprobs_from_logits
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugins.evaluate import EvaluateConfig
+from rlhfkit.plugins.ppo.rollout import response_logits
 from rlhfkit.plugins.sft.module import token_nll
 
 REPORT_NAME = "report.json"
@@ -190,9 +191,5 @@ class Evaluate:
 def _response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` log-probs of the response tokens (0 where the mask is 0)."""
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    t = response_ids.shape[1]  # the LM head runs on the T + 1 last columns only
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
-                   logits_to_keep=t + 1).logits[:, :-1]
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     return logprobs_from_logits(logits.float(), response_ids) * response_mask

@@ -33,14 +33,23 @@ def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return out.hidden_states[-1][:, p - 1:-1]
 
 
+def response_logits(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, V]`` logits of the columns that predict each response token, from one
+    forward over left-padded prompt + right-padded response; the LM head runs on the
+    ``T + 1`` last columns only (``logits_to_keep``)."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                 logits_to_keep=response_ids.shape[1] + 1).logits[:, :-1]
+
+
 def policy_forward(model: torch.nn.Module, rollout: Rollout, temperature: float, entropy_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[B, T]`` of the response tokens on ``logits / temperature`` (with grad
     when enabled) and the entropy ``[B, T]`` (with grad only if ``entropy_grad``)."""
-    ids, mask, positions = joined(rollout)
-    t = rollout.response_ids.shape[1]  # the LM head runs on the T + 1 last columns only
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=t + 1).logits[:, :-1]
+    logits = response_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                             rollout.response_mask)
     logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         entropy = entropy_from_logits(logits, temperature)

@@ -17,10 +17,10 @@ from rlhfkit import (
     UserError,
     adamw,
     gradient_sync,
+    labelled_logprobs,
     latest_metrics,
     log_now,
     log_step,
-    logprobs_from_logits,
     micro_batches,
     optimizer_step,
     step_loader,
@@ -43,11 +43,8 @@ def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
 
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of the labelled tokens of ``batch`` (``input_ids``, ``attention_mask``,
-    ``labels_mask``, as ``tokenize_pairs`` makes them) and their count. Token t+1 is
-    predicted from tokens <= t, so the labels mask is shifted by one."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logprobs = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
-    mask = batch["labels_mask"][:, 1:].to(logprobs.dtype)
+    ``labels_mask``, as ``tokenize_pairs`` makes them) and their count."""
+    logprobs, mask = labelled_logprobs(model, batch)
     return -(logprobs * mask).sum(), mask.sum()
 
 
