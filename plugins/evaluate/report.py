@@ -192,4 +192,4 @@ def _response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
                        response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` log-probs of the response tokens (0 where the mask is 0)."""
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    return logprobs_from_logits(logits.float(), response_ids) * response_mask
+    return logprobs_from_logits(logits, response_ids) * response_mask

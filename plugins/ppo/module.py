@@ -10,7 +10,6 @@ the checkpoint, so a run resumes exactly, even mid-iteration.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,13 +31,12 @@ from rlhfkit import (
     log_step,
     masked_mean,
     masked_var,
-    masked_whiten,
     optimizer_step,
 )
-from rlhfkit.plugins.ppo import PPOConfig, schedule
-from rlhfkit.plugins.ppo.functional import score_to_token_rewards, sequence_kl
-from rlhfkit.plugins.ppo.monitor import DOCS, guardrail_warnings, rollout_metrics
-from rlhfkit.plugins.ppo.rollout import concat, from_state, gather, policy_forward, to_state
+from rlhfkit.plugins.ppo import PPOConfig, experience, schedule
+from rlhfkit.plugins.ppo.functional import sequence_kl
+from rlhfkit.plugins.ppo.monitor import DOCS
+from rlhfkit.plugins.ppo.rollout import concat, from_state, policy_forward, to_state
 
 
 def prompt_of(row: Any) -> str:
@@ -117,119 +115,10 @@ class PPO(L.LightningModule):
             if model is not None:
                 model.eval()
 
-    @torch.no_grad()
-    def _sample(self, prompts: list[str], seed: int, greedy: bool = False) -> Rollout:
-        sampling = self.config.sampling
-        torch.manual_seed(seed)
-        ids, mask = self.policy.tokenize_prompts(prompts)
-        ids, mask = ids[:, -self.config.max_prompt_length:], mask[:, -self.config.max_prompt_length:]
-        response_ids, response_mask = self.policy.generate_ids(
-            ids, mask, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        eos = self.policy.tokenizer.eos_token_id
-        truncated = ~(response_ids == eos).any(dim=1)
-        empty = torch.zeros(len(prompts), response_ids.shape[1], device=ids.device)
-        rollout = Rollout(ids, mask, response_ids, response_mask, empty, list(prompts),
-                          self.policy.decode_responses(response_ids, response_mask),
-                          torch.zeros(len(prompts), dtype=torch.long, device=ids.device), truncated)
-        rollout.logprobs, _ = policy_forward(self.model, rollout, sampling.temperature, False)
-        rollout.ref_logprobs = self._reference_logprobs(rollout)
-        return rollout
-
-    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        temperature = self.config.sampling.temperature
-        if self.adapter_reference:
-            with self.model.disable_adapter():
-                return policy_forward(self.model, rollout, temperature, False)[0]
-        return policy_forward(self.reference, rollout, temperature, False)[0]
-
-    @torch.no_grad()
     def greedy_scores(self, rollout: Rollout) -> torch.Tensor:
         """``[B]`` reward-source scores of greedy responses to ``rollout.prompts`` (the
         ReMax baseline), on the device; call it from an estimator's ``prepare``."""
-        parts = []
-        for start in range(0, len(rollout), self.config.generation_batch_size):
-            prompts = rollout.prompts[start:start + self.config.generation_batch_size]
-            parts.append(self._sample(prompts, seed=self.seed, greedy=True).responses)
-        responses = [r for part in parts for r in part]
-        return self.reward.score(rollout.prompts, responses).to(self.device).float()
-
-    def _make_experience(self, iteration: int) -> Rollout:
-        c = self.config
-        started = time.perf_counter()
-        rank, world = self.global_rank, self.trainer.world_size
-        chosen = schedule.iteration_prompts(len(self.prompts), c.prompts_per_iteration, self.seed, iteration)
-        share = len(chosen) // world
-        local = chosen[rank * share:(rank + 1) * share]
-        chunks = []
-        for start in range(0, len(local), c.generation_batch_size):
-            indices = local[start:start + c.generation_batch_size]
-            # seeded by the call's first global prompt: the same calls give the same samples whatever
-            # the device count, when generation_batch_size divides each device's share of the prompts
-            first = rank * share + start
-            texts = [self.prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
-            chunk = self._sample(texts, seed=self.seed * 7919 + iteration * 104_729 + first)
-            chunk.group = torch.tensor([rank * share + start + j for j in range(len(indices))
-                                        for _ in range(c.samples_per_prompt)], device=self.device)
-            chunks.append(chunk)
-        pad = self.policy.tokenizer.pad_token_id
-        rollout = concat(chunks, pad)
-        with torch.no_grad():
-            rollout.scores = self.reward.score(rollout.prompts, rollout.responses).to(self.device).float()
-            if hasattr(self.estimator, "prepare"):
-                self.estimator.prepare(rollout)
-        rollout = gather(rollout, pad, self.device)
-        self._clock["rollout"] += time.perf_counter() - started
-        self._clock["rollout_tokens"] += int(rollout.response_mask.sum())
-        return self._shape(rollout, iteration)
-
-    def _shape(self, rollout: Rollout, iteration: int) -> Rollout:
-        """Constraints shape rewards, the score goes on the last token, the estimator runs."""
-        metrics: dict[str, float] = {}
-        raw = rollout.scores.clone()
-        bad = ~torch.isfinite(raw)
-        self.skip_iteration = False
-        if bad.any():
-            example = rollout.prompts[int(bad.nonzero()[0])]
-            message = (f"the reward source returned NaN/Inf for {int(bad.sum())} of {len(raw)} responses at "
-                       f"iteration {iteration} (first prompt: {example!r}).")
-            if self.config.on_nan == "stop":
-                raise UserError(message + f" Stopped; the last checkpoint in {self.stage_dir / 'checkpoints'} is "
-                                          "intact. Fix the reward source, or set algorithm.on_nan: skip (a changed "
-                                          f"stage runs in a new run directory). See {DOCS}#nan.")
-            self._warn("nan-reward", message + " Skipping this iteration's updates (algorithm.on_nan: skip).")
-            self.skip_iteration = True
-            # nothing learns from this rollout: no constraint state (running moments) sees it
-            rollout.scores = torch.zeros_like(raw)
-            rollout.rewards = torch.zeros_like(rollout.logprobs)
-            rollout.advantages = torch.zeros_like(rollout.logprobs)
-            rollout.returns = rollout.values if rollout.values is not None else torch.zeros_like(rollout.logprobs)
-            self._rollout_log = {"reward/nonfinite": float(bad.sum())}
-            return rollout
-        mask = rollout.response_mask.float()
-        rollout.rewards = torch.zeros_like(rollout.logprobs)
-        for constraint in self.constraints:
-            if hasattr(constraint, "shape_rewards"):
-                metrics.update(constraint.shape_rewards(rollout) or {})
-        rollout.rewards = rollout.rewards + score_to_token_rewards(rollout.scores, mask, self.config.score_position)
-        if self.config.score_position == "after-eos":
-            # the score sits one past the last real token: the estimator's episode covers it (TRL's mask_p1)
-            extended = torch.cat([mask[:, :1], mask[:, :-1]], dim=1).maximum(mask)
-            result = self.estimator.estimate(dataclasses.replace(rollout, response_mask=extended.long()))
-        else:
-            result = self.estimator.estimate(rollout)
-        advantages = result.advantages
-        if self.config.advantages.whiten == "batch":
-            advantages = masked_whiten(advantages, mask)
-        if self.config.advantages.clip is not None and self.config.advantages.whiten != "minibatch":
-            advantages = advantages.clamp(-self.config.advantages.clip, self.config.advantages.clip)
-        rollout.advantages, rollout.returns = advantages * mask, result.returns
-        metrics.update(result.metrics)
-        metrics.update(rollout_metrics(rollout, raw, self.gold))
-        for kind, message in guardrail_warnings(rollout.responses, metrics["kl/ref"], mask.sum(1)):
-            self._warn(kind, message)
-        self._rollout_log = metrics
-        return rollout
+        return experience.greedy_scores(self, rollout)
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned and self.trainer.is_global_zero:
@@ -241,7 +130,7 @@ class PPO(L.LightningModule):
         self._eval_mode()
         iteration, update = divmod(self.global_step, self.updates)
         if update == 0 or self.experience is None:
-            self.experience = self._make_experience(iteration)
+            self.experience = experience.make_experience(self, iteration)
             log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
         started = time.perf_counter()
         whole, mine = schedule.minibatch(len(self.experience), self.section.batch_size, self.seed, iteration, update,
@@ -360,7 +249,7 @@ class PPO(L.LightningModule):
         parts = []
         for start in range(0, len(prompts), self.config.generation_batch_size):
             chunk = prompts[start:start + self.config.generation_batch_size]
-            parts.append(self._sample(chunk, seed=self.seed + start, greedy=self.config.eval_greedy))
+            parts.append(experience.sample(self, chunk, seed=self.seed + start, greedy=self.config.eval_greedy))
         rollout = concat(parts, self.policy.tokenizer.pad_token_id)
         mask = rollout.response_mask.float()
         metrics = {"proxy": float(self.reward.score(rollout.prompts, rollout.responses).float().mean()),

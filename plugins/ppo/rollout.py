@@ -44,6 +44,15 @@ def response_logits(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mas
                  logits_to_keep=response_ids.shape[1] + 1).logits[:, :-1]
 
 
+def response_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` log-probs of ``rollout``'s response tokens on ``logits / temperature``, 0
+    on padding (no entropy: what sampling and the reference need)."""
+    logits = response_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                             rollout.response_mask)
+    logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
+    return logprobs * rollout.response_mask.to(logprobs.dtype)
+
+
 def policy_forward(model: torch.nn.Module, rollout: Rollout, temperature: float, entropy_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[B, T]`` of the response tokens on ``logits / temperature`` (with grad
