@@ -22,9 +22,10 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, L-1]`` log-probs of tokens ``1..L-1`` of a :func:`rlhfkit.encode_pairs` batch
     (``input_ids``, ``attention_mask``, ``labels_mask``) and the labels mask shifted to
-    match (token t+1 is predicted from tokens <= t), in the log-probs' dtype."""
+    match (token t+1 is predicted from tokens <= t), in the log-probs' dtype. The rows are
+    right-padded, so the model's default position ids are each row's own."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
     return logprobs, batch["labels_mask"][:, 1:].to(logprobs.dtype)
 
