@@ -119,13 +119,20 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)``: ``[B, T, V] -> [B, T]`` (float32)."""
-    logits = logits.float()
+    """Entropy of ``softmax(logits / temperature)``: ``[B, T, V] -> [B, T]`` (float32, or
+    float64 for float64 logits).
+
+    Computed as ``-Σ p log p`` from ``log_softmax``, never as ``logsumexp(z) - Σ p z``:
+    with large logits the latter subtracts two large, nearly equal numbers and can go
+    negative. Tokens of probability 0 (``-inf`` logits) contribute 0; the result is ≥ 0.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return logz - (probs * logits).sum(-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    terms = torch.where(probs > 0, probs * logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return (-terms.sum(-1)).clamp(min=0)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1",

@@ -15,8 +15,12 @@ from rlhfkit.plugins.dpo import losses
 
 
 def _mean_logps(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    return (batch.chosen.float() / batch.chosen_tokens.clamp(min=1),
-            batch.rejected.float() / batch.rejected_tokens.clamp(min=1))
+    return (_per_token(batch.chosen, batch.chosen_tokens), _per_token(batch.rejected, batch.rejected_tokens))
+
+
+def _per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean token log-prob, at least float32 (float64 stays float64)."""
+    return losses.wide(logps) / tokens.clamp(min=1)
 
 
 def _delta(batch: PreferenceBatch) -> torch.Tensor:
@@ -52,8 +56,8 @@ class RobustDPO(_WithReference):
 class IPO(_WithReference):
     def __call__(self, batch: PreferenceBatch) -> LossTerm:
         pc, pr = _mean_logps(batch)
-        rc = batch.ref_chosen.float() / batch.chosen_tokens.clamp(min=1)
-        rr = batch.ref_rejected.float() / batch.rejected_tokens.clamp(min=1)
+        rc = _per_token(batch.ref_chosen, batch.chosen_tokens)
+        rr = _per_token(batch.ref_rejected, batch.rejected_tokens)
         return self._term(losses.ipo(losses.margin(pc, pr, rc, rr), self.config.beta))
 
 

@@ -56,7 +56,7 @@ class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scale: Literal["std", "none"] = Field(
         "std", description="divide R - mean_G by the group's unbiased std + eps (GRPO), or not (none: Dr.GRPO)")
-    eps: float = Field(1e-6, ge=0, description="added to the group std (verl 1e-6, TRL 1e-4)")
+    eps: float = Field(1e-6, gt=0, description="added to the group std (verl 1e-6, TRL 1e-4)")
 
 
 class ReMaxConfig(BaseModel):

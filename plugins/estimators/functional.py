@@ -138,18 +138,29 @@ def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, group: torch.Tens
 
     ``scale="none"`` is Dr.GRPO: ``A_i = R_i − mean_G``. ``eps``: verl 1e-6, TRL 1e-4. A
     group of one sample takes ``mean = 0, std = 1`` (verl), so ``A = R / (1 + eps)``
-    (``A = R`` with ``scale="none"``). A group whose samples all score alike gets 0 (up to
-    rounding).
+    (``A = R`` with ``scale="none"``). A group of two or more samples that all score alike
+    gets exactly 0 (not the rounding error of its mean divided by a std of the same size).
     """
+    if scale not in ("std", "none"):
+        raise ValueError(f"unknown GRPO scale {scale!r}; use 'std' or 'none' (Dr.GRPO)")
+    if scale == "std" and not eps > 0:
+        raise ValueError(f"GRPO's eps must be > 0 (got {eps}): a group whose samples all score alike has std 0")
     returns = sequence_returns(rewards, mask)
-    single = group_size(group) == 1
+    index, counts = _groups(group)
+    single = (counts == 1)[index]
+    # a group whose returns are all equal has A = 0 exactly: its float mean can be one
+    # rounding step off the common value, and that step divided by a std of the same size
+    # would be O(1)
+    lowest = torch.full_like(counts, 0, dtype=returns.dtype).scatter_reduce(0, index, returns, "amin",
+                                                                          include_self=False)
+    highest = torch.full_like(counts, 0, dtype=returns.dtype).scatter_reduce(0, index, returns, "amax",
+                                                                           include_self=False)
+    flat = (lowest == highest)[index] & ~single
     mean = torch.where(single, torch.zeros_like(returns), group_mean(returns, group))
-    centred = returns - mean
+    centred = torch.where(flat, torch.zeros_like(returns), returns - mean)
     if scale == "std":
         std = torch.where(single, torch.ones_like(returns), group_std(returns, group))
         centred = centred / (std + eps)
-    elif scale != "none":
-        raise ValueError(f"unknown GRPO scale {scale!r}; use 'std' or 'none' (Dr.GRPO)")
     return to_tokens(centred, mask)
 
 
