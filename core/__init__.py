@@ -4,8 +4,8 @@ The public API that plugins may import. Everything else is internal.
 """
 
 from rlhfkit.context import StageContext
-from rlhfkit.errors import DataError, PluginError, Problem, RecipeError, UserError
-from rlhfkit.files import atomic_directory, atomic_write_text
+from rlhfkit.errors import DataError, NonFiniteError, PluginError, Problem, RecipeError, UserError
+from rlhfkit.files import atomic_directory, atomic_write_text, write_samples
 from rlhfkit.interfaces import (
     Advantages,
     Algorithm,
@@ -43,8 +43,9 @@ _LAZY = {
                     "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
                     "positions_from_mask", "shared_prompt_mask", "whiten")},
     **{name: "rlhfkit.training"
-       for name in ("gradient_sync", "latest_metrics", "log_now", "log_step", "micro_batches", "optimizer_step",
-                    "rank_seed", "step_loader", "total_steps", "adamw")},
+       for name in ("check_finite_weights", "gradient_sync", "latest_metrics", "log_now",
+                    "log_step", "micro_batches", "optimizer_step", "rank_seed", "step_loader", "total_steps",
+                    "adamw")},
 }
 
 
@@ -72,6 +73,7 @@ __all__ = [
     "Feedback",
     "FeedbackBatch",
     "LossTerm",
+    "NonFiniteError",
     "Objective",
     "OptimizerSettings",
     "PluginError",
@@ -102,6 +104,7 @@ __all__ = [
     "adamw",
     "atomic_directory",
     "atomic_write_text",
+    "check_finite_weights",
     "encode_pairs",
     "encode_preferences",
     "entropy_from_logits",
@@ -132,4 +135,5 @@ __all__ = [
     "tokenize_preferences",
     "total_steps",
     "whiten",
+    "write_samples",
 ]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import subprocess
@@ -61,6 +60,7 @@ from rlhfkit.recipe import (
     set_value,
 )
 from rlhfkit.registry import error_message
+from rlhfkit.rundir import read_json_file
 
 SHARED = "_shared"
 DONE_NAME = "DONE.json"
@@ -118,8 +118,8 @@ class Job:
 
     def finished(self) -> bool:
         for stage, fingerprint in self.stages:
-            done = self.run_dir / stage / DONE_NAME
-            if not done.is_file() or json.loads(done.read_text()).get("fingerprint") != fingerprint:
+            info, _ = read_json_file(self.run_dir / stage / DONE_NAME, ("fingerprint",))
+            if info is None or info["fingerprint"] != fingerprint:
                 return False
         return True
 
@@ -332,9 +332,9 @@ def collect(ablation: Ablation, console: Console) -> list[dict[str, Any]]:
                     long_rows.append((variant, seed, stage.name, step, metric, value))
                     if stage.name == compared:
                         curves[metric][variant].setdefault(seed, {})[step] = value
-                done = run_dir / stage.name / DONE_NAME
-                if done.is_file():
-                    summaries[stage.name] = json.loads(done.read_text())["summary"]
+                info, _ = read_json_file(run_dir / stage.name / DONE_NAME, ("summary",))
+                if info is not None:
+                    summaries[stage.name] = info["summary"]
             if compared in summaries:  # wall time: the variant's own stages, not the shared ones
                 own = sum(summary.get("wall_time_s", 0) for name, summary in summaries.items()
                           if name not in ablation.shared[seed])

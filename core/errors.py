@@ -46,3 +46,14 @@ class DataError(UserError):
 
 class PluginError(UserError):
     """A plugin failed to load or contributed something invalid; names plugin and distribution."""
+
+
+class NonFiniteError(UserError):
+    """A NaN or Inf where training cannot go on: ``what`` became non-finite at ``step``
+    (``None``: the step under way), ``detail`` says more. The runner adds the stage and
+    which checkpoint is intact to the message."""
+
+    def __init__(self, what: str, step: int | None = None, detail: str = ""):
+        self.what, self.step, self.detail = what, step, detail
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(f"{what} became NaN/Inf{at}" + (f" ({detail})" if detail else ""))

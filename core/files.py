@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,14 +11,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlhfkit.errors import UserError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        raise
 
 
 @contextmanager
@@ -41,3 +48,30 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     os.replace(target, retired)
     os.replace(staging, target)
     shutil.rmtree(retired)
+
+
+def write_samples(path: Path, when: str, rows: list[dict]) -> None:
+    """Put ``rows`` (each with ``"when": when``) into the JSON-lines file ``path``,
+    replacing the rows an earlier attempt wrote for the same ``when`` and keeping the
+    others, atomically: writing the samples again after a resume never duplicates them.
+    Lines that do not read back (cut short) are dropped."""
+    kept: list[dict] = []
+    if path.is_file():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("when") != when:
+                kept.append(row)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in [*kept, *rows]))
+
+
+def decode_utf8(raw: bytes, where: str, error: type[UserError] = UserError) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark is accepted); otherwise ``error`` naming
+    ``where`` and the line of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise error(f"{where} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8.") from None

@@ -377,6 +377,14 @@ class Algorithm(Protocol):
     The core builds the Trainer from the recipe's ``trainer:`` section, calls
     ``trainer.fit(algorithm)`` and then, on rank 0, ``export`` and ``summary``.
 
+    End-of-training work (a final evaluation, samples, a normalisation the export
+    carries) goes in an optional ``finalize()``, not ``on_train_end``: the core calls it
+    once the last step is reached, also when a stage resumes from a checkpoint at its last
+    step (Lightning then skips ``on_train_end``), with the torch RNG seeded, so doing it
+    again after a kill gives the same export and summary. Optimizer steps go through
+    :func:`rlhfkit.optimizer_step`, whose NaN/Inf guard follows ``trainer.on_nan`` (a
+    module may override it with an ``on_nan`` attribute).
+
     A stage that trains nothing (an evaluation) is not a LightningModule: it sets the class
     attribute ``evaluation_only = True`` and has ``run()``, which the core calls instead
     of ``trainer.fit``. Any stage may write ``report.json`` (``{"tables": [{"title",

@@ -15,18 +15,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
-from rlhfkit.registry import ComponentRef, Registry, error_message, ref, walk
+from rlhfkit.files import decode_utf8
+from rlhfkit.registry import ComponentRef, Registry, Slot, error_message, ref, walk
 
 COMMAND_LINE = "command line"
+# a stage or run name becomes a folder name: no separators, no "..", no hidden folders
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+# numpy seeds are < 2**32; rank r adds 100003 * r and an ablation adds up to its seed count
+MAX_SEED = 2**31 - 1
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook",
+              "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false",
+              "ddp_spawn_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
+              "fsdp", "fsdp_cpu_offload", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+              "deepspeed_stage_3_offload_nvme", "model_parallel")
+PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")
 
 
 class StageRef(str):
@@ -48,8 +63,16 @@ class RunSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="run name; the run directory defaults to runs/<name>")
-    dir: str | None = Field(None, description="run directory (relative to the working directory)")
-    seed: int = Field(0, description="base seed; rank r uses seed + 100003 * r (OpenAI detail)")
+    dir: str | None = Field(None, min_length=1, description="run directory (relative to the working directory)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="base seed; rank r uses seed + 100003 * r (OpenAI detail)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _SAFE_NAME.match(value) or set(value) <= {"."}:
+            raise ValueError(f"run name {value!r} is not a plain folder name (letters, digits, '_', '-', '.'; "
+                             f"no path separators, no '..'); use run.dir for a path")
+        return value
 
 
 class OptimizerSettings(BaseModel):
@@ -91,15 +114,29 @@ class TrainerSection(BaseModel):
     num_nodes: int = Field(1, ge=1, description="number of nodes")
     strategy: str = Field("auto", description="auto | ddp | fsdp | deepspeed_stage_2 | ... (Lightning strategy)")
     precision: str = Field("32-true", description="32-true | bf16-mixed | bf16-true | 16-mixed")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides max_epochs")
-    max_epochs: float | None = Field(None, gt=0, description="passes over the training rows (may be fractional)")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="optimizer steps; overrides max_epochs")
+    max_epochs: float | None = Field(None, gt=0, le=10**6,
+                                     description="passes over the training rows (may be fractional)")
     batch_size: int = Field(32, ge=1, description="global rows per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="rows per device per forward")
     gradient_clip: float | None = Field(1.0, gt=0, description="clip the global grad norm to this (None: off)")
     log_every_n_steps: int = Field(10, ge=1, description="write a metrics row every n steps")
     checkpoint_every_n_steps: int = Field(50, ge=1, description="write the resumable checkpoint every n steps")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description=(
+        "checkpoints kept (newest first); a newest one that does not load falls back to the one before"))
+    on_nan: Literal["stop", "skip"] = Field("stop", description=(
+        "a NaN/Inf loss or gradient norm stops the stage before the update (the last checkpoint is intact), "
+        "or skips that update"))
     eval_every_n_steps: int | None = Field(None, ge=1, description="evaluate every n steps (None: start and end only)")
     deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
+
+    @field_validator("accelerator", "strategy", "precision")
+    @classmethod
+    def _known_name(cls, value: str, info: Any) -> str:
+        known = {"accelerator": ACCELERATORS, "strategy": STRATEGIES, "precision": PRECISIONS}[info.field_name]
+        if value not in known:
+            raise ValueError(f"unknown {info.field_name} {value!r}; one of: {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainerSection:
@@ -122,26 +159,6 @@ class TrainerSection(BaseModel):
     def explain_batch(self) -> str:
         return (f"global batch {self.batch_size} = {self.micro_batch_size} rows per micro-batch x "
                 f"{self.accumulation} accumulated x {self.world_size} device(s)")
-
-
-class _StageShell(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    algorithm: ref("algorithm")  # type: ignore[valid-type]
-    trainer: TrainerSection = Field(default_factory=TrainerSection)
-
-
-class _RecipeShell(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    extends: list[str] = Field(default_factory=list)
-    run: RunSection
-    stages: dict[str, _StageShell] = Field(min_length=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _extends_as_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("extends"), str):
-            data = {**data, "extends": [data["extends"]]}
-        return data
 
 
 # -------------------------------------------------------------- the result
@@ -195,11 +212,17 @@ def load_recipe(path: str | Path, registry: Registry, presets: dict[str, dict] |
     data, origins = compose(path, presets or {})
     problems: list[Problem] = []
     for item in overrides:
+        dotted = item.split("=", 1)[0]
         try:
-            apply_override(data, item)
-            origins[item.split("=", 1)[0]] = COMMAND_LINE
+            value = apply_override(data, item)
         except UserError as exc:
-            problems.append(Problem(COMMAND_LINE, item.split("=", 1)[0], str(exc)))
+            problems.append(Problem(COMMAND_LINE, dotted, str(exc)))
+            continue
+        # whatever the override replaced no longer comes from a file
+        for known in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
+            del origins[known]
+        origins[dotted] = COMMAND_LINE
+        origins.update(_origins_of(value, COMMAND_LINE, dotted))
     if problems:
         raise RecipeError(problems)
     return checked(data, path, registry, origins, check)
@@ -216,16 +239,153 @@ def checked(data: dict[str, Any], path: Path, registry: Registry, origins: dict[
     return recipe
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"recipe file {path} does not exist; check the path (recipes live in recipes/).")
+MAX_RECIPE_BYTES = 1 << 20   # a recipe is a page of YAML; 1 MiB is far beyond any real one
+MAX_YAML_VALUES = 100_000    # values after expanding aliases (a "billion laughs" stops here)
+MAX_YAML_DEPTH = 64          # nesting levels
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and integers too long to convert,
+    with the line of the offending node (the bounds on size, depth and alias expansion are
+    checked on the composed document by :func:`parse_yaml`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"an unusable integer ({exc})",
+                                                    node.start_mark) from None
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int = 0) -> int:
+    """Values in ``node`` once every alias is expanded (memoised, so the check itself
+    stays cheap however much the aliases would expand)."""
+    if depth > MAX_YAML_DEPTH:
+        raise _YamlBound(f"it is nested more than {MAX_YAML_DEPTH} levels deep", node.start_mark)
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo, depth + 1) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1)
+                       for k, v in node.value)
+    else:
+        size = 1
+    if size > MAX_YAML_VALUES:
+        raise _YamlBound(f"it expands to more than {MAX_YAML_VALUES} values (anchors and aliases "
+                         f"repeated inside each other?)", node.start_mark)
+    memo[id(node)] = size
+    return size
+
+
+class _YamlBound(Exception):
+    def __init__(self, message: str, mark: Any):
+        super().__init__(message)
+        self.mark = mark
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` as YAML (safe types only), bounded: at most :data:`MAX_YAML_VALUES` values
+    after expanding aliases and :data:`MAX_YAML_DEPTH` levels; duplicate keys, strings
+    that are not valid Unicode (lone surrogates) and unconvertible integers are errors.
+    Raises :class:`UserError` naming ``source`` and the line."""
+    loader = None
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _BoundedLoader(text)  # the reader already refuses some characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        data = loader.construct_document(node)
+    except _YamlBound as exc:
+        raise UserError(f"{source}{_at(exc.mark)}: not accepted as a recipe: {exc}.") from None
+    except RecursionError:
+        raise UserError(f"{source}: not accepted as a recipe: it is nested more than {MAX_YAML_DEPTH} "
+                        f"levels deep.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); "
+        where = _at(mark) if mark else (f" at character {exc.position}" if hasattr(exc, "position") else "")
+        raise UserError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         f"check indentation and quoting there.") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    bad = _non_unicode(data)
+    if bad is not None:
+        raise UserError(f"{source}: the value at {bad or 'the top'} is not valid Unicode (a lone surrogate "
+                        f"escape such as \\ud800?); write the character itself.")
+    return data
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _non_unicode(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value) that cannot be written as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _non_unicode(key) is not None:
+                return path or where
+            found = _non_unicode(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_unicode(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+def read_text_file(path: Path, what: str, limit: int) -> str:
+    """A UTF-8 text file (a byte-order mark is accepted) as a string; every way it can
+    fail to be one is a :class:`UserError` naming the file, and the line where decoding
+    fails."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{what} {path} is a broken or looping symbolic link; point it at the file.")
+        if not path.is_file():
+            raise UserError(f"{what} {path} does not exist or is not a file; check the path.")
+        size = path.stat().st_size
+        if size > limit:
+            raise UserError(f"{what} {path} has {size} bytes; more than the {limit} a {what} may have.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
+    return decode_utf8(raw, str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    data = parse_yaml(read_text_file(path, "recipe file", MAX_RECIPE_BYTES), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -235,7 +395,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """Resolve ``extends:`` recursively; return the merged data and ``{dotted path: file}``."""
-    key = str(path.resolve())
+    try:
+        key = str(path.resolve())
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        raise UserError(f"recipe file {path} is a looping symbolic link; point it at the file.") from None
     if key in _seen:
         chain = " -> ".join([*_seen, key])
         raise UserError(f"recipes extend each other in a cycle: {chain}; remove one `extends:`.")
@@ -246,13 +409,38 @@ def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -
         raise UserError(f"{path}: extends must be a file name, preset:NAME, or a list of them.")
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for parent in parents:
-        layer, layer_origins = compose_parent(str(parent), path, presets, (*_seen, key))
+    for i, parent in enumerate(parents):
+        if not isinstance(parent, str) or not parent:
+            raise UserError(f"{path}: extends[{i}] is {parent!r}; write a recipe file name or preset:NAME.")
+        try:
+            layer, layer_origins = compose_parent(parent, path, presets, (*_seen, key))
+        except UserError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise UserError(f"{path}: extends[{i}] ({parent}): {exc}") from None
         merged = deep_merge(merged, layer)
-        origins.update(layer_origins)
+        _merge_origins(origins, layer, layer_origins)
     merged = deep_merge(merged, data)
-    origins.update(_origins_of(data, str(path)))
+    _merge_origins(origins, data, _origins_of(data, str(path)))
     return merged, origins
+
+
+def _merge_origins(origins: dict[str, str], layer: dict[str, Any], layer_origins: dict[str, str]) -> None:
+    """Origins after ``layer`` is deep-merged on top: a key the layer sets to anything but
+    a mapping replaces the whole subtree, so the origins below it go too."""
+    for dotted in layer_origins:
+        if not isinstance(_get(layer, dotted), dict):
+            for known in [k for k in origins if k.startswith(dotted + ".")]:
+                del origins[known]
+    origins.update(layer_origins)
+
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = next((v for k, v in data.items() if str(k) == part), None)
+    return data
 
 
 def compose_parent(parent: str, path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()
@@ -275,16 +463,24 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``a.0.b=1``)."""
+def apply_override(data: dict[str, Any], item: str) -> Any:
+    """Apply ``a.b.c=value`` (value parsed as YAML, bounded as recipes are; list items by
+    index: ``a.0.b=1``); returns the value."""
     if "=" not in item:
         raise UserError(f"override {item!r} is not key.path=value")
     dotted, text = item.split("=", 1)
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise UserError(f"override {item!r} has an empty key; write key.path=value")
+    if _non_unicode(item) is not None:
+        raise UserError("the override is not valid Unicode (bytes that are not UTF-8?)")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise UserError(f"the value has more than {MAX_RECIPE_BYTES} characters")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"value {text!r} is not valid YAML; quote it") from None
+        value = parse_yaml(text, "value")
+    except UserError as exc:
+        raise UserError(f"{exc} Quote the value if it is meant as text.") from None
     set_value(data, dotted, value)
+    return value
 
 
 def set_value(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -349,24 +545,60 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
 
     if isinstance(data.get("stages"), dict):  # `stages.NAME: null` removes an inherited stage
         data["stages"] = {name: stage for name, stage in data["stages"].items() if stage is not None}
-    try:
-        shell = _RecipeShell.model_validate(data)
-    except ValidationError as exc:
+
+    def add_errors(exc: ValidationError, prefix: tuple[str, ...]) -> None:
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
-            add(dotted, error_message(err), _layout_hint(err))
-        raise RecipeError(problems) from None
+            loc = (*prefix, *(str(p) for p in err["loc"]))
+            add(".".join(loc), error_message(err), _layout_hint({**err, "loc": loc}))
+
+    # every part is checked on its own, so one broken field hides no other problem
+    for key in data:
+        if key not in ("run", "stages", "extends"):
+            add(str(key), "unknown top-level key", "a recipe has run:, stages: and optionally extends:")
+    run: RunSection | None = None
+    if "run" not in data:
+        add("run", "Field required", _layout_hint({"type": "missing", "loc": ["run"]}))
+    else:
+        try:
+            run = RunSection.model_validate(data["run"])
+        except ValidationError as exc:
+            add_errors(exc, ("run",))
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, dict) or not raw_stages:
+        add("stages", "a recipe needs at least one stage", "stages: {NAME: {algorithm: ..., ...}, ...}")
+        raw_stages = {}
 
     stages: list[Stage] = []
-    for index, (name, shell_stage) in enumerate(shell.stages.items()):
+    for index, (name, raw_stage) in enumerate(raw_stages.items()):
         prefix = f"stages.{name}"
-        algorithm = shell_stage.algorithm
+        problem = stage_name_problem(name)
+        if problem:
+            add(prefix, problem, "stage names are folder names inside the run directory: letters, digits, "
+                                 "'_', '-' and '.', e.g. sft, rm, ppo-2")
+        if not isinstance(raw_stage, dict):
+            add(prefix, f"a stage is a mapping (algorithm:, trainer:, its slots), not a {type(raw_stage).__name__}")
+            continue
+        trainer = TrainerSection()
+        try:
+            trainer = TrainerSection.model_validate(raw_stage.get("trainer") or {})
+        except ValidationError as exc:
+            add_errors(exc, ("stages", str(name), "trainer"))
+        if "algorithm" not in raw_stage:
+            add(f"{prefix}.algorithm", "Field required",
+                f"add it: algorithm: one of {', '.join(registry.names('algorithm')) or 'none installed'}")
+            continue
+        try:
+            algorithm = ref("algorithm").model_validate(raw_stage["algorithm"])
+        except ValidationError:
+            add(f"{prefix}.algorithm", "expected an algorithm name or a mapping with `name:`",
+                f"one of: {', '.join(registry.names('algorithm')) or 'none installed'}")
+            continue
         for p, m, h in registry.resolve(algorithm, f"{prefix}.algorithm"):
             add(p, m, h)
         slots: dict[str, Any] = {}
         if registry.has("algorithm", algorithm.name):  # check slots even if its settings are bad
             spec = registry.get("algorithm", algorithm.name)
-            given = dict(shell_stage.model_extra or {})
+            given = {k: v for k, v in raw_stage.items() if k not in ("algorithm", "trainer")}
             for key in given:
                 if key not in spec.slots:
                     known = ", ".join([*spec.slots, "trainer"]) or "none"
@@ -375,17 +607,38 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
             for slot_name, slot in spec.slots.items():
                 slots[slot_name] = _slot(registry, slot, slot_name, given.get(slot_name),
                                          f"{prefix}.{slot_name}", add)
-        stage = Stage(name, algorithm, slots, shell_stage.trainer, data["stages"][name])
-        earlier = list(shell.stages)[:index]
+        else:  # an unknown algorithm: still check the slots every known algorithm fills alike
+            kinds: dict[str, set[tuple[str, bool]]] = {}
+            for other in registry.specs("algorithm"):
+                for slot_name, slot in other.slots.items():
+                    kinds.setdefault(slot_name, set()).add((slot.kind, slot.many))
+            for key, value in raw_stage.items():
+                if len(kinds.get(key, ())) == 1:
+                    kind, many = next(iter(kinds[key]))
+                    _slot(registry, Slot(kind, required=False, many=many), key, value, f"{prefix}.{key}", add)
+        stage = Stage(str(name), algorithm, slots, trainer, raw_stage)
+        earlier = list(raw_stages)[:index]
         for dotted, value in _stage_refs(stage):
             if value not in earlier:
                 add(f"{prefix}.{dotted}", f"names stage {value!r}, which is not an earlier stage",
                     f"earlier stages: {', '.join(earlier) or 'none'}")
         stages.append(stage)
     _same_processes_after_launch(stages, add)
-    if problems:
+    if problems or run is None:
         raise RecipeError(problems)
-    return Recipe(path=path, run=shell.run, stages=stages, data=data)
+    return Recipe(path=path, run=run, stages=stages, data=data)
+
+
+def stage_name_problem(name: Any) -> str:
+    """Why ``name`` cannot name a folder inside the run directory ("" if it can)."""
+    if not isinstance(name, str):
+        return f"a stage name is text, not a {type(name).__name__} ({name!r}); quote it"
+    if not name:
+        return "a stage name cannot be empty"
+    if not _SAFE_NAME.match(name) or set(name) <= {"."}:
+        return (f"stage name {name!r} is not a plain folder name (no path separators, no '..', no leading '.', "
+                f"at most 100 characters)")
+    return ""
 
 
 def _same_processes_after_launch(stages: list[Stage], add: Any) -> None:
@@ -425,6 +678,12 @@ def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str
             continue
         for p, m, h in registry.resolve(reference, where):
             add(p, m, h)
+        if slot.tag and registry.has(slot.kind, reference.name):
+            tags = registry.get(slot.kind, reference.name).tags
+            if tags and slot.tag not in tags:
+                fits = [spec.name for spec in registry.specs(slot.kind) if not spec.tags or slot.tag in spec.tags]
+                add(where, f"{slot.kind} {reference.name!r} is a {' / '.join(sorted(tags))}, but slot "
+                           f"{slot_name!r} takes a {slot.tag}", f"one of: {', '.join(fits) or 'none installed'}")
         built.append(reference)
     return built if slot.many else (built[0] if built else None)
 

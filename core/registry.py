@@ -40,6 +40,10 @@ class Slot:
     required: bool = True
     many: bool = False
     doc: str = ""
+    # components that declare tags must carry this one to fill the slot (e.g. an
+    # objective slot of the dpo algorithm takes "preference-loss" objectives); components
+    # without tags are not checked
+    tag: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class ComponentSpec:
             of components that need none).
         doc: one line shown by ``rlhfkit plugins``.
         slots: for algorithms only, the component slots a stage of it fills.
+        tags: what the component is for within its kind; a slot with a ``tag`` takes
+            only components that carry it (or declare no tags at all).
     """
 
     kind: str
@@ -64,6 +70,8 @@ class ComponentSpec:
     factory: Callable[..., Any]
     doc: str
     slots: dict[str, Slot] = field(default_factory=dict)
+    # what the component is for, within its kind (e.g. "preference-loss"); see Slot.tag
+    tags: frozenset[str] = frozenset()
     # Filled in by the registry: which plugin (and distribution) contributed the spec.
     plugin: str = ""
     distribution: str = ""

@@ -3,20 +3,24 @@
 Run directory layout::
 
     runs/<name>/recipe.yaml            the fully resolved recipe
-    runs/<name>/<stage>/checkpoints/last.ckpt   resumable state (atomic writes)
+    runs/<name>/<stage>/checkpoints/step-N.ckpt resumable state (atomic writes; the newest
+                                            trainer.keep_checkpoints are kept)
     runs/<name>/<stage>/export/        the model in transformers format (safetensors)
     runs/<name>/<stage>/metrics.csv    one row per logged step
     runs/<name>/<stage>/summary.json   final metrics
     runs/<name>/<stage>/report.json    tables printed at the end of a run (optional)
-    runs/<name>/<stage>/DONE.json      written last: the stage is finished
+    runs/<name>/<stage>/DONE.json      written last: the stage is finished (with its export's sizes)
 
-A finished stage is skipped on re-run; an interrupted one resumes from its checkpoint.
+A stage goes train -> finalise -> done. A finished stage is skipped on re-run once its
+export checks out; an interrupted one resumes from its newest loadable checkpoint, and
+one resumed at its last step is finalised again (docs/faults.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -33,12 +37,25 @@ from rlhfkit.errors import UserError
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugin_manager import Plugins
 from rlhfkit.recipe import Recipe, Stage
+from rlhfkit.rundir import (
+    RunLock,
+    disk_full_error,
+    export_manifest,
+    is_disk_full,
+    read_json_file,
+    remove_stale_temporaries,
+    verify_export,
+)
 from rlhfkit.training import (
-    CHECKPOINT_NAME,
+    Finaliser,
     MetricsCSV,
+    NonFiniteError,
     ResumableCheckpoint,
     RNGState,
     build_trainer,
+    check_finite_weights,
+    checkpoint_files,
+    latest_checkpoint,
     rank_seed,
 )
 
@@ -47,7 +64,13 @@ REPORT_NAME = "report.json"
 STATE_NAME = "stage.json"
 # Settings that may change between an interrupted run and its resume.
 _RESUMABLE_CHANGES = ("accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
-                      "checkpoint_every_n_steps")
+                      "checkpoint_every_n_steps", "keep_checkpoints", "on_nan")
+
+
+_LAUNCH_VARIABLES = ("RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                     "GROUP_RANK")
+# set by the first process of a run; the processes Lightning launches inherit it
+_LAUNCHED = "RLHFKIT_RUN_LAUNCHED"
 
 
 def process_rank() -> int:
@@ -58,6 +81,34 @@ def process_rank() -> int:
     node = int(os.environ.get("NODE_RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + local
+
+
+def check_launch_environment(recipe: Recipe, console: Console) -> None:
+    """Rank variables left in the environment (an earlier job, a shell profile) must not
+    silently change the seed or which process writes. A recipe on one device ignores
+    them (removed, with a note); a multi-device recipe needs them to be whole numbers
+    within its world. The processes a run launches itself are not checked again."""
+    if os.environ.get(_LAUNCHED):
+        return
+    present = {k: os.environ[k] for k in _LAUNCH_VARIABLES if k in os.environ}
+    world = max((s.trainer.world_size for s in recipe.stages), default=1)
+    nodes = max((s.trainer.num_nodes for s in recipe.stages), default=1)
+    if present and world == 1:
+        for name in present:
+            del os.environ[name]
+        console.print(f"note: ignoring {', '.join(f'{k}={v}' for k, v in present.items())} from the environment: "
+                      f"every stage of this recipe runs in one process", highlight=False)
+    elif present:
+        limits = {"RANK": world, "GLOBAL_RANK": world, "LOCAL_RANK": world, "NODE_RANK": nodes,
+                  "WORLD_SIZE": world + 1, "LOCAL_WORLD_SIZE": world + 1, "GROUP_RANK": nodes}
+        for name, text in present.items():
+            if not text.strip().isdigit() or int(text) >= limits[name]:
+                raise UserError(
+                    f"the environment sets {name}={text!r}, which does not fit this recipe (at most {world} "
+                    f"processes on {nodes} node(s)). Unset {name} (it is left over from another job), or "
+                    f"launch with the values your cluster gives this process.")
+    if world > 1:
+        os.environ[_LAUNCHED] = "1"  # the processes Lightning launches next are not checked again
 
 
 def stage_fingerprint(stage: Stage) -> str:
@@ -82,10 +133,31 @@ def quiet_libraries() -> None:
 
 
 def run_recipe(recipe: Recipe, plugins: Plugins, console: Console | None = None) -> dict[str, dict[str, Any]]:
-    """Run every stage of ``recipe`` in order; return ``{stage: summary}``."""
+    """Run every stage of ``recipe`` in order; return ``{stage: summary}``.
+
+    The first process holds the run directory's lock for the whole run
+    (:class:`RunLock`) and clears what interrupted writes left behind."""
     quiet_libraries()
     console = console or Console()
+    check_launch_environment(recipe, console)
     main = process_rank() == 0
+    lock = RunLock(recipe.run_dir)
+    if main:
+        lock.acquire()
+    try:
+        if main:
+            for path in remove_stale_temporaries(recipe.run_dir):
+                console.print(f"removed {path}, left by an interrupted write", highlight=False)
+        return _run_stages(recipe, plugins, console, main)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(exc, recipe.run_dir, _intact_checkpoints(recipe)) from None
+        raise
+    finally:
+        lock.release()
+
+
+def _run_stages(recipe: Recipe, plugins: Plugins, console: Console, main: bool) -> dict[str, dict[str, Any]]:
     run_dir = recipe.run_dir
     if main:
         atomic_write_text(run_dir / "recipe.yaml", f"# resolved from {recipe.path}\n" + recipe.to_yaml())
@@ -94,12 +166,10 @@ def run_recipe(recipe: Recipe, plugins: Plugins, console: Console | None = None)
     for stage in recipe.stages:
         stage_dir = run_dir / stage.name
         fingerprint = stage_fingerprint(stage)
-        done = stage_dir / DONE_NAME
-        if done.is_file():
-            info = json.loads(done.read_text())
-            _check_same(stage, stage_dir, info.get("fingerprint"), fingerprint, "finished")
+        info = finished_stage(stage, stage_dir, fingerprint, console if main else None)
+        if info is not None:
             if main:
-                console.print(f"[bold]stage {stage.name}[/]: already finished, skipping ({done})")
+                console.print(f"[bold]stage {stage.name}[/]: already finished, skipping ({stage_dir / DONE_NAME})")
             summaries[stage.name] = info["summary"]
         else:
             summaries[stage.name] = run_stage(recipe, stage, plugins, exports, fingerprint, console)
@@ -111,15 +181,48 @@ def run_recipe(recipe: Recipe, plugins: Plugins, console: Console | None = None)
     return summaries
 
 
+def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Console | None
+                   ) -> dict[str, Any] | None:
+    """``DONE.json``'s content if the stage finished with these settings and its export is
+    whole; ``None`` if it has to run (or be finalised again from its checkpoint). A
+    ``DONE.json`` that does not read, or an export that is missing, cut short or corrupt,
+    is reported and set aside (every rank sees the same files and decides alike)."""
+    done = stage_dir / DONE_NAME
+    if not done.exists():
+        return None
+    info, why = read_json_file(done, ("fingerprint", "summary"))
+    if info is not None:
+        _check_same(stage, stage_dir, info.get("fingerprint"), fingerprint, "finished")
+        if info.get("export") is None and "export" not in info["summary"]:
+            return info  # a stage that writes no model (an evaluation)
+        why = verify_export(stage_dir / "export", info.get("export"))
+        if not why:
+            return info
+        why = f"its export is not whole: {why}"
+    else:
+        why = f"{done} is {why}"
+    if console is not None:
+        console.print(f"[yellow]stage {stage.name}[/]: marked finished, but {why}; finishing it again from its "
+                      f"last checkpoint", highlight=False)
+        os.replace(done, stage_dir / f".{DONE_NAME}.old-{os.getpid()}")  # removed as stale on the next start
+    return None
+
+
 def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str, Path],
               fingerprint: str, console: Console) -> dict[str, Any]:
     stage_dir = recipe.run_dir / stage.name
     state_file = stage_dir / STATE_NAME
-    checkpoint = stage_dir / "checkpoints" / CHECKPOINT_NAME
-    if checkpoint.is_file() and state_file.is_file():
-        _check_same(stage, stage_dir, json.loads(state_file.read_text()).get("fingerprint"),
-                    fingerprint, "interrupted")
     rank = process_rank()
+    warn = (lambda text: console.print(f"[yellow]warning[/]: {text}", highlight=False)) if rank == 0 else \
+        (lambda text: None)
+    checkpoint = latest_checkpoint(stage_dir / "checkpoints", warn)
+    if checkpoint is not None:
+        state, why = read_json_file(state_file, ("fingerprint",))
+        if state is None:
+            warn(f"{state_file} is {why}; resuming from {checkpoint} without checking that the settings match "
+                 f"the interrupted run's")
+        else:
+            _check_same(stage, stage_dir, state["fingerprint"], fingerprint, "interrupted")
     if rank == 0:
         atomic_write_text(state_file, json.dumps({"fingerprint": fingerprint}))
     seed = rank_seed(recipe.run.seed, rank)
@@ -133,27 +236,56 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     module = plugins.registry.build(stage.algorithm, context)
     if getattr(module, "evaluation_only", False):
         return run_evaluation(module, stage, stage_dir, fingerprint, console, hook)
-    logger = MetricsCSV(stage_dir / "metrics.csv",
+    resume = checkpoint is not None
+    logger = MetricsCSV(stage_dir / "metrics.csv", fresh=not resume,
                         on_row=lambda step, m: hook.rlhfkit_on_metrics(stage=stage.name, step=step, metrics=m))
     saver = ResumableCheckpoint(
-        stage_dir / "checkpoints", stage.trainer.checkpoint_every_n_steps,
+        stage_dir / "checkpoints", stage.trainer.checkpoint_every_n_steps, keep=stage.trainer.keep_checkpoints,
         on_saved=lambda step, path: hook.rlhfkit_on_checkpoint(stage=stage.name, step=step, path=path))
-    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [saver, RNGState()], logger)
-    resume = checkpoint.is_file()
+    finaliser = Finaliser(module.total_steps, recipe.run.seed)
+    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [saver, RNGState(), finaliser], logger)
     if rank == 0:
         verb = "resuming from " + str(checkpoint) if resume else "starting"
         console.print(f"[bold]stage {stage.name}[/] ({stage.algorithm.name}): {verb}; "
                       f"{module.total_steps} steps, {stage.trainer.explain_batch()}"
                       + (f"; {module.explain()}" if hasattr(module, "explain") else ""))
     started = time.perf_counter()
-    trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+    try:
+        trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+    except NonFiniteError as exc:
+        step = exc.step if exc.step is not None else trainer.global_step + 1
+        detail = f" ({exc.detail})" if exc.detail else ""
+        raise UserError(
+            f"stage {stage.name!r} stopped: {exc.what} became NaN/Inf at step {step}{detail}; nothing non-finite was "
+            f"saved. {_intact(stage_dir)}. Remove the cause (a lower learning rate, bf16 instead of fp16, the "
+            f"reward source), or set trainer.on_nan: skip to drop such updates, then re-run the same command to "
+            f"resume. "
+            f"See docs/faults.md#nan.") from None
+    if not finaliser.finished:
+        raise UserError(f"stage {stage.name!r} stopped at step {trainer.global_step} of {module.total_steps} "
+                        f"before it finished; re-run the same command to resume from its last checkpoint.")
     summary: dict[str, Any] = {}
     if trainer.is_global_zero:
-        summary = finish_stage(module, stage, stage_dir, fingerprint, started, hook)
+        summary = finish_stage(module, stage, stage_dir, fingerprint, started, hook, trainer.global_step)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         summary = json.loads((stage_dir / DONE_NAME).read_text())["summary"]
     return summary
+
+
+def _intact(stage_dir: Path) -> str:
+    files = checkpoint_files(stage_dir / "checkpoints")
+    if not files:
+        return "No checkpoint of this stage was written yet, so it starts from the beginning when re-run"
+    return f"The last checkpoint, {files[0]}, is intact"
+
+
+def _intact_checkpoints(recipe: Recipe) -> str:
+    for stage in reversed(recipe.stages):
+        files = checkpoint_files(recipe.run_dir / stage.name / "checkpoints")
+        if files:
+            return f"the last checkpoint written is {files[0]}"
+    return "no checkpoint had been written yet"
 
 
 def run_evaluation(module: Any, stage: Stage, stage_dir: Path, fingerprint: str, console: Console,
@@ -171,15 +303,30 @@ def run_evaluation(module: Any, stage: Stage, stage_dir: Path, fingerprint: str,
 
 
 def finish_stage(module: Any, stage: Stage, stage_dir: Path, fingerprint: str, started: float,
-                 hook: Any) -> dict[str, Any]:
-    """On rank 0: export, then summary.json and, written last, DONE.json; returns the summary."""
+                 hook: Any, step: int | None = None) -> dict[str, Any]:
+    """On rank 0: export, then summary.json and, written last, DONE.json (with the
+    export's file sizes, checked before the stage is skipped on a later run); returns the
+    summary. Nothing non-finite is exported or recorded as final."""
     export_dir = stage_dir / "export"
-    module.export(export_dir)
+    if isinstance(module, torch.nn.Module):
+        check_finite_weights(module, "a weight", step or 0)
     summary = {**module.summary(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad and (getattr(module, "on_nan", None) or stage.trainer.on_nan) == "stop":
+        raise UserError(f"stage {stage.name!r} finished, but its final evaluation gave non-finite "
+                        f"{', '.join(bad)}; it is not marked finished. {_intact(stage_dir)}. Check the reward "
+                        f"source and the evaluation data, or set trainer.on_nan: skip to finish with these values "
+                        f"(see docs/faults.md#nan).")
+    if bad:
+        warnings.warn(f"stage {stage.name!r}: its final evaluation gave non-finite {', '.join(bad)} "
+                      f"(trainer.on_nan: skip)", stacklevel=1)
+    module.export(export_dir)
     if export_dir.is_dir():  # an evaluation stage writes a report, not a model
         summary["export"] = str(export_dir)
     atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary}))
+    manifest = export_manifest(export_dir) if export_dir.is_dir() else None
+    atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary,
+                                                         "export": manifest}))
     hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
     return summary
 
@@ -212,7 +359,11 @@ def print_report(path: Path, console: Console) -> None:
     "columns", "rows", "caption", "sections"}]}`` (``sections``: a rule every N rows)."""
     if not path.is_file():
         return
-    for spec in json.loads(path.read_text()).get("tables", []):
+    report, why = read_json_file(path, ("tables",))
+    if report is None:
+        console.print(f"[yellow]warning[/]: {path} is {why}; its tables are not shown", highlight=False)
+        return
+    for spec in report["tables"]:
         table = Table(title=spec.get("title"), caption=spec.get("caption") or None)
         for i, column in enumerate(spec["columns"]):
             table.add_column(column, justify="left" if i == 0 or column in ("answer", "prompt", "model") else "right")

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
 import math
 import os
 import random
+import re
+import shutil
 import sys
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +31,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_only
 
+from rlhfkit.errors import NonFiniteError, UserError
+from rlhfkit.files import atomic_write_text
 from rlhfkit.recipe import OptimizerSettings, TrainerSection
 
-CHECKPOINT_NAME = "last.ckpt"
+CHECKPOINT_NAME = "last.ckpt"  # written before checkpoints were kept by step; still read
+_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -42,37 +51,107 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            # torch's zip writer reports a full disk as "unexpected pos ..."; say what it is
+            full = not isinstance(exc, OSError) and _nearly_full(path.parent)
+            tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half-written file behind
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}.ckpt"
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The stage's checkpoints, newest first: ``step-N.ckpt`` by step, then a legacy
+    ``last.ckpt``."""
+    if not directory.is_dir():
+        return []
+    stepped = sorted(((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))),
+                     reverse=True)
+    legacy = [directory / CHECKPOINT_NAME] if (directory / CHECKPOINT_NAME).is_file() else []
+    return [p for _, p in stepped] + legacy
+
+
+def readable_checkpoint(path: Path) -> tuple[int | None, str]:
+    """``(global_step, "")`` if ``path`` loads as a checkpoint (memory-mapped, so only its
+    structure is read), else ``(None, why)``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["global_step"]), ""
+    except Exception as exc:  # noqa: BLE001 - any failure to load means "not usable"
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+def latest_checkpoint(directory: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of ``directory`` that loads; each newer one that does not is
+    reported through ``warn`` (and left on disk for inspection). ``None`` when there is no
+    checkpoint at all; :class:`UserError` when there are some and none loads."""
+    files = checkpoint_files(directory)
+    broken: list[str] = []
+    for path in files:
+        step, why = readable_checkpoint(path)
+        if step is not None:
+            if broken:
+                warn(f"checkpoint {broken[-1].split(' (')[0]} does not load; resuming from the previous one, "
+                     f"{path} (step {step}). Unloadable: " + "; ".join(broken))
+            return path
+        broken.append(f"{path} ({why})")
+    if files:
+        raise UserError(
+            f"no checkpoint in {directory} loads: " + "; ".join(broken) + ". They were cut short or corrupted "
+            f"(a full disk, a copy that did not finish). Move them away (or delete {directory.parent}) to train "
+            f"the stage from the start, or restore a good copy into {directory}.")
+    return None
+
+
 class ResumableCheckpoint(Callback):
-    """Writes ``checkpoints/last.ckpt`` every ``every`` optimizer steps and at the end.
+    """Writes ``checkpoints/step-N.ckpt`` every ``every`` optimizer steps and at the end,
+    keeping the ``keep`` newest (older ones are deleted once a newer one is on disk).
 
     The checkpoint of step n is written after step n's metrics row (:func:`log_step`
-    writes it inside ``training_step``); on resume the rows an interrupted run logged past
-    the checkpoint are dropped from ``metrics.csv``, since those steps run again.
+    writes it inside ``training_step``), and holds the ``metrics.csv`` rows up to step n:
+    on resume they replace the file's rows, so rows logged after the checkpoint by an
+    interrupted run are dropped and rows lost from the file (emptied, cut, corrupted) come
+    back. A checkpoint is never written with a non-finite weight (:class:`NonFiniteError`).
     """
 
-    def __init__(self, directory: Path, every: int, on_saved: Callable[[int, Path], None]):
-        self.path = directory / CHECKPOINT_NAME
+    def __init__(self, directory: Path, every: int, on_saved: Callable[[int, Path], None], keep: int = 2):
+        self.directory = directory
         self.every = every
+        self.keep = keep
         self.on_saved = on_saved
         self._last_saved = -1
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._last_saved:
             return
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizers, loops
+        check_finite_weights(trainer.lightning_module, "a weight", trainer.global_step)
+        path = checkpoint_path(self.directory, trainer.global_step)
+        trainer.save_checkpoint(path, weights_only=False)  # full state: optimizers, loops
         self._last_saved = trainer.global_step
         if trainer.is_global_zero:
-            self.on_saved(trainer.global_step, self.path)
+            for old in checkpoint_files(self.directory)[self.keep:]:
+                old.unlink(missing_ok=True)
+            self.on_saved(trainer.global_step, path)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every == 0:
@@ -81,11 +160,104 @@ class ResumableCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, MetricsCSV):
-                logger.truncate(int(checkpoint["global_step"]))
+                checkpoint["rlhfkit_metrics"] = logger.state()
+        # what summaries read at the end (the last training loss...), also when a stage is
+        # resumed at its last step and runs no step
+        checkpoint["rlhfkit_latest_metrics"] = dict(latest_metrics(pl_module))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._last_saved = int(checkpoint["global_step"])
+        pl_module._latest_metrics = dict(checkpoint.get("rlhfkit_latest_metrics", {}))
+        for logger in trainer.loggers:
+            if isinstance(logger, MetricsCSV):
+                if "rlhfkit_metrics" in checkpoint:
+                    logger.restore(checkpoint["rlhfkit_metrics"])
+                else:  # a checkpoint written before the rows were kept in it
+                    logger.truncate(int(checkpoint["global_step"]))
+
+
+def check_finite_weights(module: torch.nn.Module, what: str, step: int) -> None:
+    """Raise :class:`NonFiniteError` if any floating-point parameter or buffer of
+    ``module`` holds a NaN or Inf (one host sync)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        names = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+                 if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+        raise NonFiniteError(f"{what} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})", step)
+
+
+class NonFiniteGuard(Callback):
+    """What :func:`optimizer_step` does when the loss or the gradient norm is NaN/Inf:
+    ``stop`` raises :class:`NonFiniteError` before the optimizer step (so no non-finite
+    value reaches the weights, a checkpoint or an export); ``skip`` drops that step's
+    update (the step still counts, and the learning-rate schedule moves on) and warns."""
+
+    def __init__(self, on_nan: str = "stop"):
+        self.on_nan = on_nan
+        self.skipped = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+    def handle(self, module: L.LightningModule, what: str) -> None:
+        step = module.global_step + 1
+        if (getattr(module, "on_nan", None) or self.on_nan) == "stop":  # a module may decide (PPO's setting)
+            raise NonFiniteError(what, step)
+        self.skipped += 1
+        if module.trainer.is_global_zero and (self.skipped <= 5 or self.skipped % 100 == 0):
+            warnings.warn(f"{what} was NaN/Inf at step {step}: update skipped (trainer.on_nan: skip; "
+                          f"{self.skipped} skipped so far)", stacklevel=2)
+
+
+
+def _guard(module: L.LightningModule) -> NonFiniteGuard:
+    trainer = module._trainer
+    for callback in trainer.callbacks if trainer is not None else ():
+        if isinstance(callback, NonFiniteGuard):
+            return callback
+    return NonFiniteGuard("stop")
+
+
+class Finaliser(Callback):
+    """A stage's end-of-training work, run once training has reached its last step,
+    whether the steps ran now or the stage resumed from a checkpoint at its last step
+    (Lightning then skips the training loop and ``on_train_end``).
+
+    It calls the module's ``finalize()`` (every built-in algorithm's final evaluation,
+    samples, reward normalisation) on the training device, with the torch RNG seeded from
+    the run's seed, so finalising again after a kill gives the same result. A module
+    without ``finalize`` keeps its ``on_train_end``, which is then also called here when
+    the loop was skipped.
+    """
+
+    def __init__(self, total: int, seed: int):
+        self.total, self.seed = total, seed
+        self.finished = False
+        self._loop_ended = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_ended = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step < self.total:
+            return  # stopped early: nothing to finalise
+        pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            if hasattr(pl_module, "finalize"):
+                pl_module.finalize()
+            elif not self._loop_ended:
+                pl_module.on_train_end()
+        self.finished = True
 
 
 class RNGState(Callback):
@@ -119,22 +291,28 @@ class MetricsCSV(Logger):
 
     A new row is appended (one line, flushed); the file is rewritten atomically only when
     a column appears, a row is completed (several logs at one step) or rows are dropped.
-    On resume, rows past the restored step are dropped (:meth:`truncate`): they were
-    logged after the last checkpoint by the interrupted run and will be logged again. A
-    line cut short by a kill is dropped when the file is read back.
+    ``fresh=True`` (a stage starting from step 0) starts from no rows, whatever an earlier
+    attempt left in the file. On resume the rows come from the checkpoint
+    (:meth:`restore`); the file is read back (lines cut short, undecodable or without a
+    finite step dropped) only for a checkpoint that does not hold them.
     """
 
-    def __init__(self, path: Path, on_row: Callable[[int, dict[str, float]], None]):
+    def __init__(self, path: Path, on_row: Callable[[int, dict[str, float]], None], fresh: bool = False):
         super().__init__()
         self.path = path
         self.on_row = on_row
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = ["step"]
-        if path.is_file():
-            with open(path, newline="") as handle:
-                reader = csv.DictReader(handle)
+        if path.is_file() and not fresh:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            try:
                 self.columns = list(reader.fieldnames or ["step"])
                 self.rows = [row for row in reader if _complete(row, self.columns)]
+            except csv.Error:
+                self.columns, self.rows = ["step"], []
+            if "step" not in self.columns or len(set(self.columns)) != len(self.columns):
+                self.columns, self.rows = ["step"], []
 
     @property
     def name(self) -> str:
@@ -151,6 +329,18 @@ class MetricsCSV(Logger):
     @rank_zero_only
     def truncate(self, step: int) -> None:
         self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+        self._write()
+
+    def state(self) -> dict[str, Any]:
+        """The rows so far, for the checkpoint (strings and floats only)."""
+        return {"columns": list(self.columns),
+                "rows": [{k: v for k, v in row.items() if v is not None} for row in self.rows]}
+
+    @rank_zero_only
+    def restore(self, state: dict[str, Any]) -> None:
+        """Rows as a checkpoint saved them; the file is rewritten to hold exactly these."""
+        self.columns = list(state["columns"])
+        self.rows = [dict(row) for row in state["rows"]]
         self._write()
 
     @rank_zero_only
@@ -173,24 +363,22 @@ class MetricsCSV(Logger):
         self.on_row(step, metrics)
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
 
 
 def _complete(row: dict[str, Any], columns: list[str]) -> bool:
-    """A row read back whole: as many fields as the header and a numeric step."""
+    """A row read back whole: as many fields as the header and a finite whole step."""
     if None in row or any(row.get(name) is None for name in columns):
         return False
     try:
-        float(row["step"])
+        step = float(row["step"])
     except (TypeError, ValueError):
         return False
-    return True
+    return math.isfinite(step) and step >= 0 and step == int(step)
 
 
 def latest_metrics(module: L.LightningModule) -> dict[str, float]:
@@ -245,7 +433,7 @@ def build_trainer(section: TrainerSection, stage_dir: Path, total_steps: int,
         max_steps=total_steps,
         max_epochs=1,
         deterministic=section.deterministic,
-        callbacks=[*callbacks, *progress],
+        callbacks=[*callbacks, NonFiniteGuard(section.on_nan), *progress],
         logger=logger,
         log_every_n_steps=section.log_every_n_steps,
         enable_progress_bar=interactive,
@@ -327,20 +515,42 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, t
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
-def optimizer_step(module: L.LightningModule, gradient_clip: float | None) -> torch.Tensor:
+def optimizer_step(module: L.LightningModule, gradient_clip: float | None,
+                   loss: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step of a manually-optimized module, through Lightning so that the
     precision plugin and strategy (AMP scaler, FSDP, DeepSpeed) take part: clip the
     global gradient norm, step, zero grads, step the scheduler.
 
-    Returns the gradient norm before clipping as a tensor (no host sync); under FSDP it
-    is this rank's shard's norm.
+    The NaN/Inf guard of every algorithm: if the gradient norm (or ``loss``, the step's
+    loss, when given) is not finite on any rank, ``trainer.on_nan`` decides
+    (:class:`NonFiniteGuard`): stop before the update, or skip it. That check is the
+    step's one host sync (plus one all-reduce of a flag with several processes).
+
+    Returns the gradient norm before clipping as a tensor; under FSDP it is this rank's
+    shard's norm.
     """
     optimizer = module.optimizers()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    device = params[0].grad.device if params else module.device
     norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) if params
-            else torch.zeros(()))
-    if gradient_clip is not None:
-        if params and _plain_clipping(module):  # what Lightning would do, reusing the norm just computed
+            else torch.zeros((), device=device))
+    trainer = module._trainer
+    # a grad scaler (16-mixed) expects Inf gradients now and then: it skips that step and
+    # lowers its scale, so only the loss is checked then
+    scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+    finite = torch.isfinite(norm) if not scaled else torch.ones((), dtype=torch.bool, device=device)
+    if loss is not None:
+        finite = finite & torch.isfinite(loss.detach().to(device)).all()
+    if trainer is not None and trainer.world_size > 1:
+        bad = trainer.strategy.reduce((~finite).float(), reduce_op="sum")
+        finite = bad == 0
+    if not bool(finite):
+        what = "the gradient norm" if loss is None or bool(torch.isfinite(loss.detach()).all()) else "the loss"
+        _guard(module).handle(module, what)  # stop raises; skip drops the update below
+        optimizer.zero_grad(set_to_none=True)
+        params = []
+    if gradient_clip is not None and params:
+        if _plain_clipping(module):  # what Lightning would do, reusing the norm just computed
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip, norm)
         else:  # sharded or scaled gradients: the strategy and precision plugin clip
             module.clip_gradients(optimizer, gradient_clip_val=gradient_clip, gradient_clip_algorithm="norm")

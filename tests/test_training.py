@@ -98,8 +98,10 @@ def test_a_checkpoint_is_written_after_its_steps_metrics_row_and_resume_leaves_n
     clean = read_metrics(path)
 
     # as if killed after step 10 was logged but with only checkpoint 8 on disk: resume from 8
-    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / "checkpoints" / "step-00000010.ckpt"
     state = torch.load(checkpoint, weights_only=False)
+    # the newest two checkpoints are kept
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step-00000008.ckpt", "step-00000010.ckpt"]
     assert state["global_step"] == 10
     interrupted = tmp_path / "interrupted"
     saver = ResumableCheckpoint(interrupted / "checkpoints", 4, lambda *a: None)
@@ -108,10 +110,31 @@ def test_a_checkpoint_is_written_after_its_steps_metrics_row_and_resume_leaves_n
     extra.log_metrics({"train/loss": 123.0}, step=9)   # logged past the checkpoint, then killed
     saver = ResumableCheckpoint(interrupted / "checkpoints", 4, lambda *a: None)
     _trainer(interrupted, [saver], MetricsCSV(interrupted / "metrics.csv", on_row=lambda *a: None), 10).fit(
-        _Tiny(), ckpt_path=str(interrupted / "checkpoints" / "last.ckpt"))
+        _Tiny(), ckpt_path=str(interrupted / "checkpoints" / "step-00000008.ckpt"))
     resumed = read_metrics(interrupted / "metrics.csv")
     assert [r["step"] for r in resumed] == [r["step"] for r in clean]
     assert "123.0" not in [r["train/loss"] for r in resumed]
+
+    # rows lost from the file (emptied, cut, corrupted) come back from the checkpoint
+    again = tmp_path / "again"
+    saver = ResumableCheckpoint(again / "checkpoints", 4, lambda *a: None)
+    _trainer(again, [saver], MetricsCSV(again / "metrics.csv", on_row=lambda *a: None), 8).fit(_Tiny())
+    (again / "metrics.csv").write_bytes(b"\xff\x00 not a csv")
+    saver = ResumableCheckpoint(again / "checkpoints", 4, lambda *a: None)
+    _trainer(again, [saver], MetricsCSV(again / "metrics.csv", on_row=lambda *a: None), 10).fit(
+        _Tiny(), ckpt_path=str(again / "checkpoints" / "step-00000008.ckpt"))
+    assert [r["step"] for r in read_metrics(again / "metrics.csv")] == [r["step"] for r in clean]
+
+
+def test_a_fresh_start_drops_rows_an_earlier_attempt_left(tmp_path):
+    """A stage killed before its first checkpoint starts again from step 0: the rows the
+    killed attempt wrote are not kept (they would be duplicated)."""
+    path = tmp_path / "metrics.csv"
+    MetricsCSV(path, on_row=lambda *a: None).log_metrics({"train/loss": 5.0}, step=1)
+    logger = MetricsCSV(path, on_row=lambda *a: None, fresh=True)
+    _trainer(tmp_path, [], logger, 3).fit(_Tiny())
+    assert [r["step"] for r in read_metrics(path)] == ["1", "2", "3"]
+    assert "5.0" not in [r["train/loss"] for r in read_metrics(path)]
 
 
 def test_log_step_feeds_the_console_lines_and_latest_metrics(tmp_path, capsys):

@@ -130,10 +130,11 @@ class FileDataset:
     def _records_in_file_order(self) -> Iterator[ReadRecord]:
         for file in self.files:  # one file in memory at a time
             records = read_file(file, file_format(file, self.config.format))
-            if records.columns:  # an empty JSON file has no columns to check
-                column_of = self._columns_for(file, records.columns)
-                for where, record in records.select(column_of):
-                    yield file, column_of, where, record
+            # a JSON file with no readable record has no columns to check; its unreadable
+            # lines are still reported as malformed rows
+            column_of = self._columns_for(file, records.columns) if records.columns else {}
+            for where, record in records.select(column_of):
+                yield file, column_of, where, record
 
     def _records_of_portion(self) -> Iterator[ReadRecord]:
         """The portion's records, in shuffled order when ``shuffle_seed`` is set. A
@@ -141,8 +142,8 @@ class FileDataset:
         tables = []
         for file in self.files:
             records = read_file(file, file_format(file, self.config.format))
-            if records.columns:
-                tables.append((file, records, self._columns_for(file, records.columns)))
+            if len(records):
+                tables.append((file, records, self._columns_for(file, records.columns) if records.columns else {}))
         starts = list(accumulate((len(records) for _, records, _ in tables), initial=0))
         positions = selected_positions(starts[-1], self.config.portion, self.config.shuffle_seed)
         if starts[-1] and not positions:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhfkit import DataError
+from rlhfkit.files import decode_utf8
 from rlhfkit.plugins.datasets.config import Format, format_from_name, is_glob
 
 if TYPE_CHECKING:
@@ -185,11 +186,64 @@ def read_file(file: Path, fmt: Format) -> Records:
     return TableRecords(table)
 
 
+def _decoded(file: Path) -> str:
+    """A data file's text: UTF-8, a byte-order mark accepted; otherwise a
+    :class:`DataError` naming the line."""
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data file {str(file)!r} cannot be read ({exc.strerror or exc}).") from None
+    return decode_utf8(raw, f"data file {str(file)!r}", DataError)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(f"has the key {key!r} twice; keep one")
+        record[key] = value
+    return record
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys; other failures as :class:`ValueError`
+    (too-long integers, nesting too deep) or :class:`json.JSONDecodeError`."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+
+
+def _why_unusable(value: Any) -> str:
+    """Why a parsed record cannot be used as text ("" if it can): a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds a lone surrogate escape (such as \\ud800), which is not text"
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return ""
+
+
 def _read_json(file: Path) -> list[Item]:
     """The records of a JSON array file or a JSON Lines file (whatever its ending says)."""
-    text = file.read_text(encoding="utf-8")
+    text = _decoded(file)
     try:
-        document = json.loads(text)
+        document = _loads(text)
+    except _DuplicateKey as exc:
+        if text.lstrip().startswith("["):
+            raise DataError(f"data file {str(file)!r}: a record {exc}. Fix the file.") from None
     except json.JSONDecodeError as whole:
         # "Extra data" after a complete first value means JSON Lines; anything else in a
         # JSON array leaves no record to recover.
@@ -197,6 +251,9 @@ def _read_json(file: Path) -> list[Item]:
             raise DataError(
                 f"data file {str(file)!r} is not valid JSON: line {whole.lineno} column "
                 f"{whole.colno}: {whole.msg}. Fix the file.") from None
+    except ValueError as exc:  # an integer too long to convert, nesting too deep
+        if text.lstrip().startswith("["):
+            raise DataError(f"data file {str(file)!r}: a record {_reason(exc)}. Fix the file.") from None
     else:
         if isinstance(document, list):
             return [(f"record {i} (0-based)", _as_record(item)) for i, item in enumerate(document)]
@@ -204,27 +261,41 @@ def _read_json(file: Path) -> list[Item]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():  # blank lines hold no record but still count as lines
             try:
-                record = _as_record(json.loads(line))
+                record = _as_record(_loads(line))
             except json.JSONDecodeError as exc:
                 # e.g. the last line of a file whose writer was interrupted
                 record = Unparsable(f"is not valid JSON ({exc.msg} at column {exc.colno})")
+            except ValueError as exc:
+                record = Unparsable(_reason(exc))
             items.append((f"line {number}", record))
     return items
 
 
+def _reason(exc: ValueError) -> str:
+    text = str(exc)
+    if "integer string conversion" in text:
+        return "holds an integer with more digits than Python converts (4300)"
+    return text if text.startswith(("has ", "is ", "holds ")) else f"is not usable ({text})"
+
+
 def _as_record(item: Any) -> dict[str, Any] | Unparsable:
     if isinstance(item, dict):
-        return item
+        why = _why_unusable(item)
+        return Unparsable(why) if why else item
     return Unparsable(f"is a JSON {type(item).__name__}, not an object of named fields "
                       f"like {{\"prompt\": ...}}")
 
 
 def _csv_header(file: Path) -> list[str]:
-    with open(file, newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), None)
+    text = _decoded(file)  # the whole file: an encoding error anywhere is reported with its line
+    header = next(csv.reader(text.splitlines()[:1]), None)
     if not header:
         raise DataError(f"data file {str(file)!r} is empty: a CSV file needs a header row "
                         f"naming its columns")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise DataError(f"data file {str(file)!r}: the header names column(s) {', '.join(map(repr, twice))} "
+                        f"more than once; rename them so each column has its own name.")
     return header
 
 

@@ -49,7 +49,7 @@ SLOTS = {
     "policy": Slot("policy", doc="the model to train, e.g. {name: transformers, from_stage: sft}"),
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
-    "objective": Slot("objective", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
+    "objective": Slot("objective", tag="preference-loss", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
     "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
                                 "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
@@ -97,7 +97,7 @@ class ORPOConfig(BaseModel):
 def rlhfkit_components() -> list[ComponentSpec]:
     def objective(name: str, config: type[BaseModel], cls: str, doc: str) -> ComponentSpec:
         return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.dpo.objectives:{cls}"),
-                             doc=doc)
+                             doc=doc, tags=frozenset({"preference-loss"}))
 
     return [
         ComponentSpec(kind="algorithm", name="dpo", config=DPOConfig, factory=lazy("rlhfkit.plugins.dpo.module:DirectPreference"),

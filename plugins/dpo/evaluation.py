@@ -5,12 +5,12 @@ measured in ``unpaired.py``."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from rlhfkit import Feedback, PreferenceBatch
+from rlhfkit.files import write_samples as write_rows
 from rlhfkit.plugins.dpo import unpaired
 from rlhfkit.plugins.dpo.logps import sequence_logps
 
@@ -91,5 +91,4 @@ def write_samples(module: Any, when: str) -> None:
     if not prompts or not module.trainer.is_global_zero:
         return
     rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, answers(module, prompts), strict=True)]
-    with open(module.stage_dir / "samples.jsonl", "w" if when == "before" else "a") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    write_rows(module.stage_dir / "samples.jsonl", when, rows)

@@ -231,7 +231,9 @@ class DirectPreference(L.LightningModule):
 
     def _finish_step(self, means: dict[str, torch.Tensor], rows: int) -> None:
         """After a step's backward passes: the optimizer step, constraints, logs, evaluation."""
-        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        loss = means.get("dpo/loss")
+        grad_norm = optimizer_step(self, self.section.gradient_clip,  # NaN guard (trainer.on_nan)
+                                   loss=loss if isinstance(loss, torch.Tensor) else None)
         after: dict[str, float] = {}
         for constraint in self.constraints:
             if hasattr(constraint, "after_update"):
@@ -281,7 +283,9 @@ class DirectPreference(L.LightningModule):
             self.history[key] = metrics
             log_now(self, {f"eval/{name}": value for name, value in metrics.items()})
 
-    def on_train_start(self) -> None:
+    def _prepare(self) -> None:
+        """Models on the device, rows tokenized, the shared-prompt check: before the first
+        step, or before finalising a stage resumed at its last step."""
         if self.reference is not None:
             self.reference.to(self.device)
         mover = getattr(self.reward, "to", None)
@@ -292,6 +296,10 @@ class DirectPreference(L.LightningModule):
                 self.encode.tokenize_all(self.rows)
             models = [self.model] + ([self.reference] if self.reference is not None else [])
             self.encode.check(models, self._check_rows(), self.device)
+        self._prepared = True
+
+    def on_train_start(self) -> None:
+        self._prepare()
         if self.global_step == 0:
             self._evaluate("eval_before")
             evaluation.write_samples(self, "before")
@@ -306,7 +314,10 @@ class DirectPreference(L.LightningModule):
             return list(self.rows[:2])
         return [Preference(p, p, " ".join(reversed(p.split()))) for p in self.rows[:2]]
 
-    def on_train_end(self) -> None:
+    def finalize(self) -> None:
+        """After the last step (again after a resume at it): final evaluation and samples."""
+        if not getattr(self, "_prepared", False):
+            self._prepare()
         self._evaluate("eval_after")
         evaluation.write_samples(self, "after")
 

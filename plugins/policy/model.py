@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit import atomic_directory, encode_pairs
+from rlhfkit import NonFiniteError, atomic_directory, encode_pairs
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
@@ -96,6 +96,11 @@ class TransformersPolicy:
         try:
             sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                             generation_config=generation_config)
+        except RuntimeError as exc:  # torch.multinomial on NaN/Inf probabilities
+            if "probability tensor contains" in str(exc):
+                raise NonFiniteError("the policy's sampling probabilities",
+                                     detail="its logits are NaN/Inf: overflow in the forward pass?") from None
+            raise
         finally:
             self.model.train(was_training)
         response_ids = sequences[:, prompt_ids.shape[1]:]

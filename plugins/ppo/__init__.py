@@ -57,8 +57,9 @@ class PPOConfig(OptimizerSettings):
                             "past EOS where it fits (old TRL)")
     advantages: AdvantageSettings = Field(default_factory=AdvantageSettings,
                                           description="whitening and clipping of the estimator's advantages")
-    on_nan: Literal["stop", "skip"] = Field(
-        "stop", description="a NaN/Inf reward or loss stops the run (last checkpoint intact) or skips the update")
+    on_nan: Literal["stop", "skip"] | None = Field(
+        None, description="a NaN/Inf reward or loss stops the run (last checkpoint intact) or skips the update; "
+                          "unset: trainer.on_nan (where this setting now lives)")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated at start, end and every "
                                                     "trainer.eval_every_n_steps")
     eval_greedy: bool = Field(True, description="evaluate greedy responses (else sample with `sampling`)")
@@ -100,7 +101,7 @@ SLOTS = {
                       doc="the KL reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "reward": Slot("reward", doc="the reward optimised, e.g. {name: reward-model, from_stage: rm}"),
     "estimator": Slot("estimator", doc="advantages: gae (with a critic) or a critic-free estimator"),
-    "objective": Slot("objective", doc="the policy loss, e.g. ppo-clip"),
+    "objective": Slot("objective", tag="policy-loss", doc="the policy loss, e.g. ppo-clip"),
     "constraints": Slot("constraint", required=False, many=True,
                         doc="kl, reward-norm, missing-eos, entropy, ptx, reference-ema, in the order they act"),
     "data": Slot("dataset", doc="prompts (prompt rows, or any row with a prompt)"),
@@ -117,5 +118,6 @@ def rlhfkit_components() -> list[ComponentSpec]:
         ComponentSpec(kind="estimator", name="gae", config=GAEConfig, factory=lazy("rlhfkit.plugins.ppo.critic:GAE"),
                       doc="generalised advantage estimation with a critic (value head on its own backbone)"),
         ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=lazy("rlhfkit.plugins.ppo.objective:PPOClip"),
-                      doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)"),
+                      doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)",
+                      tags=frozenset({"policy-loss"})),
     ]

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from rlhfkit import Rollout, UserError, masked_whiten
+from rlhfkit import NonFiniteError, Rollout, masked_whiten
 from rlhfkit.plugins.ppo import schedule
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards
-from rlhfkit.plugins.ppo.monitor import DOCS, guardrail_warnings, rollout_metrics
+from rlhfkit.plugins.ppo.monitor import guardrail_warnings, rollout_metrics
 from rlhfkit.plugins.ppo.rollout import concat, gather, response_logprobs
 
 
@@ -101,11 +101,9 @@ def shape(module: Any, rollout: Rollout, iteration: int) -> Rollout:
         example = rollout.prompts[int(bad.nonzero()[0])]
         message = (f"the reward source returned NaN/Inf for {int(bad.sum())} of {len(raw)} responses at "
                    f"iteration {iteration} (first prompt: {example!r}).")
-        if module.config.on_nan == "stop":
-            raise UserError(message + f" Stopped; the last checkpoint in {module.stage_dir / 'checkpoints'} is "
-                                      "intact. Fix the reward source, or set algorithm.on_nan: skip (a changed "
-                                      f"stage runs in a new run directory). See {DOCS}#nan.")
-        module._warn("nan-reward", message + " Skipping this iteration's updates (algorithm.on_nan: skip).")
+        if module.on_nan == "stop":
+            raise NonFiniteError("the reward source's scores", module.global_step + 1, message.rstrip("."))
+        module._warn("nan-reward", message + " Skipping this iteration's updates (trainer.on_nan: skip).")
         module.skip_iteration = True
         # nothing learns from this rollout: no constraint state (running moments) sees it
         rollout.scores = torch.zeros_like(raw)

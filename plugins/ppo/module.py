@@ -32,6 +32,7 @@ from rlhfkit import (
     masked_mean,
     masked_var,
     optimizer_step,
+    write_samples,
 )
 from rlhfkit.plugins.ppo import PPOConfig, experience, schedule
 from rlhfkit.plugins.ppo.functional import sequence_kl
@@ -152,23 +153,25 @@ class PPO(L.LightningModule):
         share = self.section.batch_size // self.trainer.world_size
         # a 0-dim tensor: no host sync (only a global-token-mean loss divides by it)
         global_tokens = self.experience.response_mask[whole].sum() / (self.trainer.world_size * len(pieces))
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
         for i, piece in enumerate(pieces):
             with gradient_sync(self, last=i == len(pieces) - 1):
                 terms = self._loss_terms(piece, critic_only, global_tokens)
                 loss = sum(t.loss for t in terms)
-                nonfinite |= ~torch.isfinite(loss)  # checked once per step, below (one host sync)
+                loss_sum = loss_sum + loss.detach()  # NaN/Inf if any piece's is; checked in optimizer_step
                 self.manual_backward(loss * len(piece) / share)
             for term in terms:
                 for name, value in term.metrics.items():
                     sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach() * len(piece)
-        bad = self._any_rank(bool(nonfinite))  # every rank skips or stops together
-        if bad or self.skip_iteration:
-            self._nonfinite(bad)
+        if self.skip_iteration:  # NaN/Inf scores (on_nan: skip): nothing learns from this rollout
+            self.optimizers().zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=self.device)
         elif critic_only:  # the policy's parameters get no gradient: AdamW leaves them (and their state) alone
             for parameter in self.model.parameters():
                 parameter.grad = None
-        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        # the core's guard: a NaN/Inf loss or gradient stops (or, on_nan: skip, drops) the update,
+        # on every rank together, with the step's one host sync
+        grad_norm = optimizer_step(self, self.section.gradient_clip, loss=loss_sum)
         self._clock["train"] += time.perf_counter() - started
         self._clock["train_tokens"] += minibatch.response_mask.sum() * self.trainer.world_size  # no host sync
         last = update == self.updates - 1
@@ -204,21 +207,11 @@ class PPO(L.LightningModule):
             terms.append(self.estimator.critic_loss(piece))
         return terms
 
-    def _any_rank(self, flag: bool) -> bool:
-        if self.trainer.world_size == 1:
-            return flag
-        total = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="sum")
-        return bool(total > 0)
-
-    def _nonfinite(self, loss_was_bad: bool) -> None:
-        if loss_was_bad and self.config.on_nan == "stop":
-            raise UserError(f"the loss became NaN/Inf at step {self.global_step + 1}. Stopped; the last checkpoint "
-                            f"in {self.stage_dir / 'checkpoints'} is intact. Lower the learning rates or set "
-                            f"algorithm.on_nan: skip (a changed stage runs in a new run directory). See {DOCS}#nan.")
-        if loss_was_bad:
-            self._warn("nan-loss", f"a NaN/Inf loss at step {self.global_step + 1}: update skipped.")
-        # parameters without a gradient are left untouched by AdamW: the step is a no-op
-        self.optimizers().zero_grad(set_to_none=True)
+    @property
+    def on_nan(self) -> str:
+        """``algorithm.on_nan`` where a recipe still sets it, else ``trainer.on_nan``; the
+        core's guard (:func:`rlhfkit.optimizer_step`) reads it too."""
+        return self.config.on_nan or self.section.on_nan
 
     def _log(self, sums: dict[str, Any], rows: int, grad_norm: torch.Tensor) -> None:
         """Update metrics, on logging steps (rollout metrics are written when sampled)."""
@@ -281,9 +274,7 @@ class PPO(L.LightningModule):
             return
         _, responses = self.evaluate(prompts)
         rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
-        mode = "w" if when == "before" else "a"
-        with open(self.stage_dir / "samples.jsonl", mode) as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        write_samples(self.stage_dir / "samples.jsonl", when, rows)
 
     def on_train_start(self) -> None:
         mover = getattr(self.reward, "to", None)
@@ -293,7 +284,11 @@ class PPO(L.LightningModule):
             self._evaluate("eval_before")
             self._samples("before")
 
-    def on_train_end(self) -> None:
+    def finalize(self) -> None:
+        """After the last step (again after a resume at it): final evaluation and samples."""
+        mover = getattr(self.reward, "to", None)
+        if mover is not None:
+            mover(self.device)
         self._evaluate("eval_after")
         self._samples("after")
 

@@ -27,8 +27,8 @@ class RewardModelConfig(OptimizerSettings):
 
 SLOTS = {
     "backbone": Slot("policy", doc="the transformer under the scalar head, e.g. {name: transformers, from_stage: sft}"),
-    "objective": Slot("objective", doc="the ranking loss: pairwise, kwise, best-of-n, ties or margin"),
-    "regularizers": Slot("objective", required=False, many=True, doc="loss terms added to it: lm-loss, centering"),
+    "objective": Slot("objective", tag="reward-model-loss", doc="the ranking loss: pairwise, kwise, best-of-n, ties or margin"),
+    "regularizers": Slot("objective", required=False, many=True, tag="reward-model-regularizer", doc="loss terms added to it: lm-loss, centering"),
     "data": Slot("dataset", doc="preference pairs or K-wise rankings"),
     "eval_data": Slot("dataset", required=False, doc="held-out pairs: accuracy, score statistics, calibration"),
     "reference_data": Slot("dataset", required=False,

@@ -64,6 +64,7 @@ class RewardModelTraining(L.LightningModule):
         self.regularizers = context.component("regularizers") or []
         self.needs_lm = any(getattr(term, "needs_lm", False) for term in [self.objective, *self.regularizers])
         self.rows = [as_ranking(r) for r in context.component("data").rows()]
+        self._check_objectives(context.stage)
         eval_data = context.component("eval_data")
         self.eval_rows = list(eval_data.rows()) if eval_data else []
         if any(not isinstance(r, Preference) for r in self.eval_rows):
@@ -75,6 +76,28 @@ class RewardModelTraining(L.LightningModule):
         self.total_steps = total_steps(self.section, len(self.rows))
         self.history: dict[str, Any] = {}
         self._last_time = time.perf_counter()
+
+    def _check_objectives(self, stage: str) -> None:
+        """Run the objective and regularizers once on the labels of every training row
+        (scores 0) before anything trains, so an objective that cannot train on this data
+        (pairs vs K-wise rankings, margins it needs) is one clear error now rather than a
+        traceback at the first step."""
+        if not self.rows:
+            return
+        k = max(len(r.completions) for r, _ in self.rows)
+        ranks = torch.tensor([list(r.ranks) + [0] * (k - len(r.completions)) for r, _ in self.rows])
+        valid = torch.tensor([[True] * len(r.completions) + [False] * (k - len(r.completions)) for r, _ in self.rows])
+        margins = torch.tensor([margin for _, margin in self.rows])
+        batch = RewardBatch(scores=torch.zeros(len(self.rows), k), ranks=ranks, valid=valid,
+                            margins=None if margins.isnan().all() else margins.nan_to_num(0.0))
+        if self.needs_lm:
+            batch.best_nll = torch.zeros(len(self.rows))
+        for term, where in [(self.objective, "objective"), *((r, "regularizers") for r in self.regularizers)]:
+            try:
+                term(batch)
+            except ValueError as exc:
+                raise UserError(f"stage {stage!r}: its {where} cannot train on its data ({len(self.rows)} rows of "
+                                f"up to {k} completions per prompt): {exc}") from None
 
     # ------------------------------------------------------------------ data
     def _collate(self, rows: list[tuple[Ranking, float]]) -> dict[str, torch.Tensor]:
@@ -142,7 +165,7 @@ class RewardModelTraining(L.LightningModule):
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + torch.as_tensor(value).detach() * n  # no host sync
         # 2. clip, step, schedule
-        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        grad_norm = optimizer_step(self, self.section.gradient_clip, loss=loss_sum)  # NaN guard (trainer.on_nan)
         # 3. metrics on logging steps (this rank's rows; the loss is reduced over ranks)
         step = self.global_step
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
@@ -207,7 +230,9 @@ class RewardModelTraining(L.LightningModule):
         if self.global_step == 0:
             self._evaluate("eval_before")
 
-    def on_train_end(self) -> None:
+    def finalize(self) -> None:
+        """After the last step (again after a resume at it): final evaluation and the
+        normalisation the export carries."""
         self._evaluate("eval")
         self.history["normalization"] = self.normalization()
 

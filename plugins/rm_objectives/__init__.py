@@ -56,9 +56,10 @@ class CenteringConfig(BaseModel):
 
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
-    def objective(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
+    def objective(name: str, config: type[BaseModel], class_name: str, doc: str,
+                  tag: str = "reward-model-loss") -> ComponentSpec:
         return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.rm_objectives.components:{class_name}"),
-                             doc=doc)
+                             doc=doc, tags=frozenset({tag}))
 
     return [
         objective("pairwise", PairwiseConfig, "Pairwise",
@@ -72,7 +73,9 @@ def rlhfkit_components() -> list[ComponentSpec]:
         objective("margin", MarginConfig, "Margin",
                   "Llama-2: -log sigmoid(r_w - r_l - scale * margin), margin from the data"),
         objective("lm-loss", LMLossConfig, "LMLoss",
-                  "Askell 2021 regulariser: coef * LM loss of the best completion (needs an LM head)"),
+                  "Askell 2021 regulariser: coef * LM loss of the best completion (needs an LM head)",
+                  tag="reward-model-regularizer"),
         objective("centering", CenteringConfig, "Centering",
-                  "Eisenstein 2023 regulariser: coef * mean((r_w + r_l)^2) keeps rewards near 0"),
+                  "Eisenstein 2023 regulariser: coef * mean((r_w + r_l)^2) keeps rewards near 0",
+                  tag="reward-model-regularizer"),
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from rlhfkit import (
     optimizer_step,
     step_loader,
     total_steps,
+    write_samples,
 )
 from rlhfkit.plugins.sft import SFTConfig
 
@@ -112,7 +112,7 @@ class SFT(L.LightningModule):
                 self.manual_backward(nll / global_tokens * world)
             loss_sum += nll.detach()
         # 3. clip, step, schedule
-        grad_norm = optimizer_step(self, self.section.gradient_clip)
+        grad_norm = optimizer_step(self, self.section.gradient_clip, loss=loss_sum)  # NaN guard (trainer.on_nan)
         # 4. metrics (only on logging steps: reduction across ranks costs a sync)
         step = self.global_step
         if step % self.section.log_every_n_steps == 0 or step == self.total_steps:
@@ -163,10 +163,9 @@ class SFT(L.LightningModule):
             responses = self.policy.generate([r.prompt for r in self.sample_rows],
                                              max_new_tokens=self.config.sample_max_new_tokens,
                                              do_sample=False)
-        path = Path(self.stage_dir) / "samples.jsonl"
-        with open(path, "a") as handle:
-            handle.writelines(json.dumps({"when": when, "step": self.global_step, "prompt": row.prompt,
-                                         "response": response, "reference": row.completion}) + "\n" for row, response in zip(self.sample_rows, responses, strict=True))
+        write_samples(Path(self.stage_dir) / "samples.jsonl", when,
+                      [{"when": when, "step": self.global_step, "prompt": row.prompt, "response": response,
+                        "reference": row.completion} for row, response in zip(self.sample_rows, responses, strict=True)])
 
     def on_train_start(self) -> None:
         self._last_time = time.perf_counter()
@@ -174,7 +173,8 @@ class SFT(L.LightningModule):
             self._evaluate("eval_before")
             self._write_samples("before")
 
-    def on_train_end(self) -> None:
+    def finalize(self) -> None:
+        """After the last step (again after a resume at it): final evaluation and samples."""
         self._evaluate("eval")
         self._write_samples("after")
 
