@@ -13,6 +13,7 @@ overrides from the command line are applied last (values parsed as YAML).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -235,7 +236,9 @@ def checked(data: dict[str, Any], path: Path, registry: Registry, origins: dict[
     if check is not None:
         extra = check(recipe)
         if extra:
-            raise RecipeError(extra)
+            # a plugin names the recipe file; the key may come from a file it extends or the command line
+            raise RecipeError([dataclasses.replace(p, file=_file_of(origins, p.path, p.file))
+                               if p.file == str(path) and p.path else p for p in extra])
     return recipe
 
 

@@ -204,3 +204,31 @@ def test_a_symlink_loop_as_data_path(tmp_path):
     result, elapsed = _run(["run", str(SFT), data, f"run.dir={tmp_path / 'run'}"], tmp_path)
     _assert_clean_error(result, elapsed, "a.jsonl", "not found")
 
+
+
+@pytest.mark.parametrize(("recipe", "override", "what"), [
+    ("dpo.yaml", "stages.dpo.data={name: file, path: x.jsonl, schema: ranking}", "stages.dpo.data.schema"),
+    ("dpo.yaml", "stages.dpo.eval_data={name: file, path: x.jsonl, schema: unpaired}", "stages.dpo.eval_data.schema"),
+    ("reward-model.yaml", "stages.rm.data={name: file, path: x.jsonl, schema: prompt}", "stages.rm.data.schema"),
+    ("reward-model.yaml", "stages.rm.eval_data={name: file, path: x.jsonl, schema: ranking}",
+     "stages.rm.eval_data.schema"),
+])
+def test_data_files_a_stage_cannot_use_are_refused_by_validate(tmp_path, recipe, override, what):
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    result, elapsed = _run(["validate", str(RECIPES / recipe), override], tmp_path)
+    _assert_clean_error(result, elapsed, "command line", what)
+
+
+@pytest.mark.parametrize(("objective", "split", "what"), [
+    ("pairwise", "ranking", "takes pairs (K = 2 completions per prompt), got K = 4"),
+    ("margin", "preference", "needs a margin per pair"),
+])
+def test_an_objective_that_cannot_train_on_the_data_stops_before_the_first_step(tmp_path, exports, objective,
+                                                                                 split, what):
+    out = tmp_path / "run"
+    result, elapsed = _run(["run", str(RECIPES / "reward-model.yaml"), "stages.sft=null",
+                            f"stages.rm.backbone={{name: transformers, path: {exports['sft']}}}",
+                            f"stages.rm.objective={objective}", f"stages.rm.data.split={split}",
+                            f"run.dir={out}"], tmp_path)
+    _assert_clean_error(result, elapsed, "stage 'rm'", what)
+    assert not list((out / "rm").glob("checkpoints/*"))

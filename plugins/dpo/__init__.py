@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy
+from rlhfkit import ComponentSpec, OptimizerSettings, Problem, SamplingSettings, Slot, hookimpl, lazy
 
 
 class DPOConfig(OptimizerSettings):
@@ -111,3 +111,24 @@ def rlhfkit_components() -> list[ComponentSpec]:
         objective("orpo", ORPOConfig, "ORPO", "ORPO: NLL of the chosen plus an odds-ratio term, reference-free"),
         objective("kto", KTOConfig, "KTO", "KTO: prospect-theory loss on desirable and undesirable responses"),
     ]
+
+
+@hookimpl
+def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
+    """Rows a DPO stage cannot train on, found before anything runs when a data file
+    declares its schema: offline DPO needs preference pairs (KTO: or unpaired rows)."""
+    problems = []
+    for stage in recipe.stages:
+        if stage.algorithm.name != "dpo" or stage.algorithm.settings.get("online") is not None:
+            continue
+        objective = stage.slots.get("objective")
+        allowed = {"preference"} | ({"unpaired"} if objective is not None and objective.name == "kto" else set())
+        for slot in ("data", "eval_data"):
+            reference = stage.slots.get(slot)
+            schema = reference.settings.get("schema") if reference is not None and reference.name == "file" else None
+            if schema is not None and schema not in allowed:
+                problems.append(Problem(str(recipe.path), f"stages.{stage.name}.{slot}.schema",
+                                        f"a dpo stage trains on {' or '.join(sorted(allowed))} rows, not {schema}",
+                                        "point it at preference pairs (schema: preference), or, with objective "
+                                        "kto, unpaired rows (schema: unpaired)"))
+    return problems

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageRef, hookimpl, lazy
+from rlhfkit import ComponentSpec, OptimizerSettings, Problem, Slot, StageRef, hookimpl, lazy
 
 
 class RewardModelConfig(OptimizerSettings):
@@ -59,3 +59,25 @@ def rlhfkit_components() -> list[ComponentSpec]:
         ComponentSpec(kind="reward", name="reward-model", config=RewardModelSourceConfig, factory=lazy("rlhfkit.plugins.reward_model.scoring:RewardModelSource.load"),
                       doc="scores from a trained reward model (an exported directory or an earlier stage)"),
     ]
+
+
+_SCHEMAS = {"data": ("preference", "ranking"), "eval_data": ("preference",),
+            "reference_data": ("prompt-completion", "preference")}
+
+
+@hookimpl
+def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
+    """Rows a reward-model stage cannot use, found before anything runs when a data file
+    declares its schema."""
+    problems = []
+    for stage in recipe.stages:
+        if stage.algorithm.name != "reward-model":
+            continue
+        for slot, allowed in _SCHEMAS.items():
+            reference = stage.slots.get(slot)
+            schema = reference.settings.get("schema") if reference is not None and reference.name == "file" else None
+            if schema is not None and schema not in allowed:
+                problems.append(Problem(str(recipe.path), f"stages.{stage.name}.{slot}.schema",
+                                        f"the reward model's {slot} takes {' or '.join(allowed)} rows, not {schema}",
+                                        f"set schema: {allowed[0]} and point it at such a file"))
+    return problems
