@@ -56,6 +56,7 @@ from rlhfkit.recipe import (
     compose,
     compose_parent,
     deep_merge,
+    merge_origins,
     read_yaml,
     set_value,
 )
@@ -194,8 +195,8 @@ def _variant_data(path: Path, base: dict, base_origins: dict, spec: AblationFile
     origins = dict(base_origins)
     for parent in variant.extends:
         layer, layer_origins = compose_parent(parent, path, presets)
+        merge_origins(origins, data, layer, layer_origins)
         data = deep_merge(data, copy.deepcopy(layer))
-        origins.update(layer_origins)
     for source, settings in ((f"{path}: set", spec.set), (f"{path}: variants.{name}.set", variant.set)):
         for dotted, value in settings.items():
             set_value(data, dotted, copy.deepcopy(value))

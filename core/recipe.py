@@ -421,18 +421,19 @@ def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -
             if str(exc).startswith(str(path)):
                 raise
             raise UserError(f"{path}: extends[{i}] ({parent}): {exc}") from None
+        merge_origins(origins, merged, layer, layer_origins)
         merged = deep_merge(merged, layer)
-        _merge_origins(origins, layer, layer_origins)
+    merge_origins(origins, merged, data, _origins_of(data, str(path)))
     merged = deep_merge(merged, data)
-    _merge_origins(origins, data, _origins_of(data, str(path)))
     return merged, origins
 
 
-def _merge_origins(origins: dict[str, str], layer: dict[str, Any], layer_origins: dict[str, str]) -> None:
-    """Origins after ``layer`` is deep-merged on top: a key the layer sets to anything but
-    a mapping replaces the whole subtree, so the origins below it go too."""
+def merge_origins(origins: dict[str, str], base: dict[str, Any], layer: dict[str, Any],
+                  layer_origins: dict[str, str]) -> None:
+    """Origins once ``layer`` is deep-merged on top of ``base``: where the layer replaces a
+    subtree whole (:func:`replaces`), the origins below it go too."""
     for dotted in layer_origins:
-        if not isinstance(_get(layer, dotted), dict):
+        if replaces(_get(base, dotted), _get(layer, dotted), dotted):
             for known in [k for k in origins if k.startswith(dotted + ".")]:
                 del origins[known]
     origins.update(layer_origins)
@@ -459,10 +460,33 @@ def compose_parent(parent: str, path: Path, presets: dict[str, dict], _seen: tup
     return compose(path.parent / parent, presets, _seen)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def replaces(base: Any, top: Any, dotted: str = "") -> bool:
+    """Whether ``top`` replaces ``base`` whole when merged onto it at ``dotted``: unless
+    both are mappings; and inside a stage (``stages.NAME.…``, where mappings with a
+    ``name:`` are components), unless they name the same component. A component of
+    another name starts from its own defaults rather than inheriting the old one's
+    settings."""
+    if not (isinstance(base, dict) and isinstance(top, dict)):
+        return not (isinstance(base, str) and isinstance(top, dict) and "name" not in top)
+    inside_stage = dotted.startswith("stages.") and dotted.count(".") >= 2
+    return inside_stage and "name" in base and "name" in top and base["name"] != top["name"]
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any], _at: str = "") -> dict[str, Any]:
+    """``top`` merged onto ``base``: mappings merge key by key; anything else, and inside
+    a stage a component mapping with another ``name:``, replaces (:func:`replaces`).
+    Settings without a name onto a component given by bare name keep that name
+    (``objective: dpo`` then ``objective: {beta: 0.2}`` is ``{name: dpo, beta: 0.2}``)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        dotted = f"{_at}.{k}" if _at else str(k)
+        old = out.get(k)
+        if k not in out or replaces(old, v, dotted):
+            out[k] = v
+        elif isinstance(old, str):
+            out[k] = {"name": old, **v}
+        else:
+            out[k] = deep_merge(old, v, dotted)
     return out
 
 
@@ -507,6 +531,8 @@ def set_value(data: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(node, list):
         node[_index(node, last, keys)] = value
     else:
+        if last == "name" and len(keys) >= 4 and keys[0] == "stages" and node.get("name") not in (None, value):
+            node.clear()  # another component: its own defaults, not the old one's settings
         node[last] = value
 
 

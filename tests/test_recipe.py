@@ -225,3 +225,28 @@ def test_schema_lists_components(registry):
     policy_names = stage["properties"]["policy"]["anyOf"][0]["enum"]
     assert policy_names == ["other-lm", "toy-lm"]
     assert stage["properties"]["extras"]["type"] == "array"
+
+
+def test_a_component_of_another_name_replaces_the_old_ones_settings(tmp_path):
+    """Extending a recipe (or overriding a name) with a component of another name starts
+    from that component's defaults; the same name, or settings without a name, merge."""
+    from rlhfkit.recipe import compose, set_value
+
+    base = tmp_path / "base.yaml"
+    base.write_text("run: {name: base, seed: 3}\nstages:\n  s:\n    algorithm: {name: algo, lr: 0.5}\n"
+                    "    estimator: {name: gae, critic: {size: 2}, lam: 0.9}\n    objective: dpo\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("extends: base.yaml\nrun: {name: top}\nstages:\n  s:\n    estimator: {name: grpo}\n"
+                   "    objective: {beta: 0.2}\n    algorithm: {lr: 0.1}\n")
+    data, origins = compose(top, {})
+    stage = data["stages"]["s"]
+    assert stage["estimator"] == {"name": "grpo"}  # gae's critic and lam are not grpo's settings
+    assert stage["objective"] == {"name": "dpo", "beta": 0.2}  # settings onto a bare name keep the name
+    assert stage["algorithm"] == {"name": "algo", "lr": 0.1}  # the same component: merged
+    assert data["run"] == {"name": "top", "seed": 3}  # run: is not a component; it merges
+    assert "stages.s.estimator.lam" not in origins and origins["stages.s.estimator"] == str(top)
+
+    set_value(data, "stages.s.algorithm.name", "other")
+    assert stage["algorithm"] == {"name": "other"}
+    set_value(data, "stages.s.objective.name", "dpo")
+    assert stage["objective"] == {"name": "dpo", "beta": 0.2}
