@@ -94,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         _print_error(exc)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; re-run the same command to resume from the last checkpoint")
+    except KeyboardInterrupt as exc:  # the runner's Interrupted says where; elsewhere nothing was under way
+        Console(stderr=True, highlight=False).print(
+            str(exc) or "interrupted; re-run the same command to resume from the last checkpoint", markup=False,
+            soft_wrap=True)
         return 130
     return 0
 

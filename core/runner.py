@@ -252,6 +252,12 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     started = time.perf_counter()
     try:
         trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+    except SystemExit as exc:  # Lightning turns Ctrl-C into sys.exit(1) after its own shutdown
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise Interrupted(stage.name, trainer.global_step, module.total_steps, stage_dir) from None
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(stage.name, trainer.global_step, module.total_steps, stage_dir) from None
     except NonFiniteError as exc:
         step = exc.step if exc.step is not None else trainer.global_step + 1
         detail = f" ({exc.detail})" if exc.detail else ""
@@ -271,6 +277,16 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     if not trainer.is_global_zero:
         summary = json.loads((stage_dir / DONE_NAME).read_text())["summary"]
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage: one line for the console, exit 130."""
+
+    def __init__(self, stage: str, step: int, total: int, stage_dir: Path):
+        files = checkpoint_files(stage_dir / "checkpoints")
+        last = f"from {files[0]}" if files else "from the start of the stage (no checkpoint yet)"
+        super().__init__(f"interrupted at step {step} of {total} of stage {stage!r}; re-run the same command to "
+                         f"resume {last}")
 
 
 def _intact(stage_dir: Path) -> str:

@@ -503,10 +503,23 @@ def step_loader(rows: Sequence[Any], collate: Callable[[list[Any]], Any], sectio
     """A DataLoader over ``rows`` driven by :class:`StepSampler` (no workers, its own
     generator so building it consumes no global random numbers)."""
     sampler = StepSampler(len(rows), section, seed, total, position, rank)
-    return torch.utils.data.DataLoader(
+    return StepLoader(
         rows, batch_sampler=sampler, collate_fn=collate, num_workers=0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class StepLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose position is the trainer's step: it has no state of its own to
+    save or restore, and says so (``state_dict`` / ``load_state_dict``), so Lightning
+    knows a mid-epoch resume is exact instead of warning that the loader is not
+    resumable."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -502,3 +503,27 @@ def test_rank_variables_that_do_not_fit_a_multi_device_recipe_are_an_error(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "LOCAL_RANK='5'" in result.stderr and "Unset LOCAL_RANK" in result.stderr
 
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_resume_does_not_warn(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", SFT, *TINY_SFT, "stages.sft.trainer.max_steps=400", "stages.sft.trainer.checkpoint_every_n_steps=20",
+            f"run.dir={out}"]
+    process = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(out.glob("sft/checkpoints/step-*.ckpt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted at step ") and "of stage 'sft'" in lines[0], err
+    assert "re-run the same command to resume from" in lines[0] and "step-" in lines[0]
+    resumed = cli(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert "not resumable" not in resumed.stdout + resumed.stderr  # the step-indexed loader is exact on resume
