@@ -141,11 +141,17 @@ class TrainerSection(BaseModel):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainerSection:
-        per_step = self.micro_batch_size * self.devices * self.num_nodes
+        world = self.devices * self.num_nodes
+        per_step = self.micro_batch_size * world
         if self.batch_size % per_step:
+            per_device = self.batch_size // world if self.batch_size % world == 0 else 0
+            fits = max((m for m in range(1, min(self.micro_batch_size, per_device) + 1) if per_device % m == 0),
+                       default=0)
+            micro = (f", or keep batch_size and set micro_batch_size: {fits} (it divides the {per_device} rows "
+                     f"each of the {world} device(s) takes per step)") if fits else ""
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size x devices x "
-                f"num_nodes = {per_step}; pick batch_size = k * {per_step}"
+                f"num_nodes = {per_step}; pick batch_size = k * {per_step}{micro}"
             )
         return self
 
@@ -582,8 +588,9 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
 
     # every part is checked on its own, so one broken field hides no other problem
     for key in data:
-        if key not in ("run", "stages", "extends"):
-            add(str(key), "unknown top-level key", "a recipe has run:, stages: and optionally extends:")
+        if key not in ("run", "stages", "extends", "trainer"):
+            add(str(key), "unknown top-level key", "a recipe has run:, stages: and optionally trainer: and extends:")
+    shared = _run_wide_trainer(data, origins, add)
     run: RunSection | None = None
     if "run" not in data:
         add("run", "Field required", _layout_hint({"type": "missing", "loc": ["run"]}))
@@ -607,6 +614,12 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
         if not isinstance(raw_stage, dict):
             add(prefix, f"a stage is a mapping (algorithm:, trainer:, its slots), not a {type(raw_stage).__name__}")
             continue
+        if shared:  # the run-wide trainer: settings the stage does not set itself
+            own = raw_stage.get("trainer") if isinstance(raw_stage.get("trainer"), dict) else {}
+            raw_stage["trainer"] = {**shared, **own}
+            for key in shared:
+                if key not in own and f"trainer.{key}" in origins:
+                    origins[f"{prefix}.trainer.{key}"] = origins[f"trainer.{key}"]
         trainer = TrainerSection()
         try:
             trainer = TrainerSection.model_validate(raw_stage.get("trainer") or {})
@@ -656,6 +669,22 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
     if problems or run is None:
         raise RecipeError(problems)
     return Recipe(path=path, run=run, stages=stages, data=data)
+
+
+def _run_wide_trainer(data: dict[str, Any], origins: dict[str, str], add: Any) -> dict[str, Any]:
+    """The top-level ``trainer:``: settings every stage inherits unless it sets them
+    itself (``trainer.devices=2 trainer.strategy=ddp`` moves a whole pipeline)."""
+    shared = data.get("trainer")
+    if shared is None:
+        return {}
+    if not isinstance(shared, dict):
+        add("trainer", f"the run-wide trainer is a mapping of trainer settings, not a {type(shared).__name__}",
+            f"e.g. trainer: {{devices: 2, strategy: ddp}}; settings: {', '.join(TrainerSection.model_fields)}")
+        return {}
+    unknown = [key for key in shared if key not in TrainerSection.model_fields]
+    for key in unknown:
+        add(f"trainer.{key}", "not a trainer setting", f"allowed here: {', '.join(TrainerSection.model_fields)}")
+    return {k: v for k, v in shared.items() if k not in unknown}
 
 
 def stage_name_problem(name: Any) -> str:
@@ -762,6 +791,8 @@ def recipe_schema(registry: Registry) -> dict[str, Any]:
         "properties": {
             "extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "run": RunSection.model_json_schema(),
+            "trainer": {**TrainerSection.model_json_schema(), "description": "trainer settings every stage "
+                        "inherits unless it sets them itself"},
             "stages": {"type": "object", "additionalProperties": stage},
         },
     }

@@ -250,3 +250,25 @@ def test_a_component_of_another_name_replaces_the_old_ones_settings(tmp_path):
     assert stage["algorithm"] == {"name": "other"}
     set_value(data, "stages.s.objective.name", "dpo")
     assert stage["objective"] == {"name": "dpo", "beta": 0.2}
+
+
+def test_a_run_wide_trainer_is_inherited_by_every_stage(tmp_path, registry):
+    """A top-level trainer: sets what no stage sets itself; a stage's own settings win; its
+    errors name where the value came from; a batch that does not divide gets both fixes."""
+    path = write(tmp_path, "r.yaml", GOOD + "trainer: {devices: 2, strategy: ddp, batch_size: 16}\n")
+    recipe = load_recipe(path, registry, overrides=["trainer.max_steps=7"])
+    first, second = recipe.stages
+    assert (first.trainer.devices, first.trainer.strategy, first.trainer.batch_size) == (2, "ddp", 16)
+    assert first.trainer.max_steps == 7
+    assert (second.trainer.devices, second.trainer.batch_size, second.trainer.max_steps) == (2, 4, 5)
+    assert recipe.data["stages"]["first"]["trainer"]["devices"] == 2  # the stage's fingerprint sees it
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, registry, overrides=["trainer.devices=4", "trainer.colour=red"])
+    text = " ".join(str(info.value).split())
+    assert "command line: trainer.colour: not a trainer setting" in text
+    # first: 16 rows over 4 devices in micro-batches of 8; second: 4 rows over 4 devices in micro-batches of 2
+    assert "stages.first.trainer: batch_size 16 is not a multiple of micro_batch_size x devices x num_nodes = 32" \
+        in text and "set micro_batch_size: 4 (it divides the 4 rows each of the 4 device(s)" in text
+    assert "stages.second.trainer: batch_size 4 is not a multiple of" in text and "set micro_batch_size: 1" in text
+    with pytest.raises(RecipeError, match="trainer: the run-wide trainer is a mapping"):
+        load_recipe(path, registry, overrides=["trainer=3"])
