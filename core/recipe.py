@@ -129,6 +129,9 @@ class TrainerSection(BaseModel):
         "a NaN/Inf loss or gradient norm stops the stage before the update (the last checkpoint is intact), "
         "or skips that update"))
     eval_every_n_steps: int | None = Field(None, ge=1, description="evaluate every n steps (None: start and end only)")
+    console_metrics: list[str] | None = Field(None, description=(
+        "metrics shown on the console lines and progress bar, in order (default: the algorithm's headline "
+        "metrics)"))
     deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
 
     @field_validator("accelerator", "strategy", "precision")

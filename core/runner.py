@@ -64,7 +64,7 @@ REPORT_NAME = "report.json"
 STATE_NAME = "stage.json"
 # Settings that may change between an interrupted run and its resume.
 _RESUMABLE_CHANGES = ("accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
-                      "checkpoint_every_n_steps", "keep_checkpoints", "on_nan")
+                      "checkpoint_every_n_steps", "keep_checkpoints", "on_nan", "console_metrics")
 
 
 _LAUNCH_VARIABLES = ("RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",

@@ -387,28 +387,43 @@ def latest_metrics(module: L.LightningModule) -> dict[str, float]:
     return getattr(module, "_latest_metrics", {})
 
 
-class ConsoleLines(Callback):
-    """Without a terminal (CI, logs), print one line of metrics every n steps instead of a
-    progress bar."""
+def headline_metrics(module: L.LightningModule, chosen: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics a person watches, in order: ``chosen`` (``trainer.console_metrics``),
+    else the algorithm's ``console_metrics``, else the first eight by name; only those
+    logged so far."""
+    latest = latest_metrics(module)
+    names = chosen or getattr(module, "console_metrics", None)
+    if not names:
+        names = sorted(k for k in latest if "/" in k)[:8]
+    return {name: latest[name] for name in names if name in latest}
 
-    def __init__(self, every: int, total: int):
+
+class ConsoleLines(Callback):
+    """Without a terminal (CI, logs), print one line of the headline metrics
+    (:func:`headline_metrics`) every n steps instead of a progress bar."""
+
+    def __init__(self, every: int, total: int, chosen: Sequence[str] | None = None):
         self.every = every
         self.total = total
+        self.chosen = chosen
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if trainer.is_global_zero and (step % self.every == 0 or step == self.total):
-            shown = {k: v for k, v in latest_metrics(pl_module).items() if "/" in k}
-            text = "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())[:8])
+            text = "  ".join(f"{k}={v:.4g}" for k, v in headline_metrics(pl_module, self.chosen).items())
             print(f"step {step}/{self.total}  {text}", flush=True)
 
 
 class MetricsProgressBar(RichProgressBar):
     """Lightning's rich progress bar, showing the metrics of :func:`log_step`."""
 
+    def __init__(self, *args: Any, chosen: Sequence[str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.chosen = chosen
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return {**super().get_metrics(trainer, pl_module),
-                **{k: f"{v:.4g}" for k, v in latest_metrics(pl_module).items()}}
+                **{k: f"{v:.4g}" for k, v in headline_metrics(pl_module, self.chosen).items()}}
 
 
 def build_trainer(section: TrainerSection, stage_dir: Path, total_steps: int,
@@ -421,8 +436,8 @@ def build_trainer(section: TrainerSection, stage_dir: Path, total_steps: int,
     """
     interactive = sys.stdout.isatty()
     progress: list[Callback] = (
-        [MetricsProgressBar(leave=True)] if interactive
-        else [ConsoleLines(section.log_every_n_steps, total_steps)]
+        [MetricsProgressBar(leave=True, chosen=section.console_metrics)] if interactive
+        else [ConsoleLines(section.log_every_n_steps, total_steps, section.console_metrics)]
     )
     return L.Trainer(
         accelerator=section.accelerator,
@@ -652,6 +667,7 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 def log_now(module: L.LightningModule, metrics: dict[str, float]) -> None:
     """Write metrics at the current step straight to the loggers (rank 0), for values
     computed outside ``training_step`` (evaluations at start and end)."""
+    module._latest_metrics = {**latest_metrics(module), **{k: float(v) for k, v in metrics.items()}}
     if module.trainer.is_global_zero:
         for logger in module.loggers:
             logger.log_metrics(dict(metrics), step=module.global_step)

@@ -201,3 +201,22 @@ def test_optimizer_step_clips_as_lightning_does_with_one_norm(tmp_path, precisio
     assert module.seen["norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.5
     torch.testing.assert_close(module.seen["stepped"], raw * 0.5 / (norm + 1e-6))  # clip_grad_norm_'s formula
     assert module.seen["norm_calls"] == 1
+
+
+class _Headlines(_Tiny):
+    console_metrics = ("train/z", "train/loss", "never/logged")
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        log_step(self, {"train/a": 1.0, "train/z": 2.0, "train/b": 3.0})
+
+
+def test_console_lines_show_the_algorithms_headline_metrics_or_the_chosen_ones(tmp_path, capsys):
+    _trainer(tmp_path, [ConsoleLines(every=2, total=2)], MetricsCSV(tmp_path / "m.csv", on_row=lambda *a: None),
+             2).fit(_Headlines())
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")][-1]
+    assert [part.split("=")[0] for part in line.split()[2:]] == ["train/z", "train/loss"]  # in the declared order
+    _trainer(tmp_path, [ConsoleLines(every=2, total=2, chosen=["train/b", "train/a"])],
+             MetricsCSV(tmp_path / "n.csv", on_row=lambda *a: None), 2).fit(_Headlines())
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")][-1]
+    assert [part.split("=")[0] for part in line.split()[2:]] == ["train/b", "train/a"]  # trainer.console_metrics

@@ -56,6 +56,9 @@ class _Holder:
 
 
 class DirectPreference(L.LightningModule):
+    # what the console lines and progress bar show (trainer.console_metrics overrides)
+    console_metrics = ("train/dpo/loss", "train/rewards/accuracy", "train/rewards/margin", "train/kl/implicit")
+
     def __init__(self, config: DPOConfig, context: StageContext):
         super().__init__()
         self.automatic_optimization = False

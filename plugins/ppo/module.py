@@ -49,6 +49,9 @@ def prompt_of(row: Any) -> str:
 
 
 class PPO(L.LightningModule):
+    # what the console lines and progress bar show (trainer.console_metrics overrides)
+    console_metrics = ("reward/score", "gold/score", "kl/ref", "response/length", "train/policy/clip_fraction")
+
     def __init__(self, config: PPOConfig, context: StageContext):
         super().__init__()
         self.automatic_optimization = False

@@ -46,6 +46,9 @@ def as_ranking(row: Any) -> tuple[Ranking, float]:
 
 
 class RewardModelTraining(L.LightningModule):
+    # what the console lines and progress bar show (trainer.console_metrics overrides)
+    console_metrics = ("train/loss", "train/rm/accuracy", "eval/accuracy", "train/grad_norm")
+
     def __init__(self, config: RewardModelConfig, context: StageContext):
         super().__init__()
         self.automatic_optimization = False

@@ -58,6 +58,9 @@ def sample_prompt(row: PromptCompletion) -> PromptCompletion:
 
 
 class SFT(L.LightningModule):
+    # what the console lines and progress bar show (trainer.console_metrics overrides)
+    console_metrics = ("train/loss", "eval/perplexity", "train/grad_norm", "train/lr")
+
     def __init__(self, config: SFTConfig, context: StageContext):
         super().__init__()
         self.automatic_optimization = False
