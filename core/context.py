@@ -26,6 +26,8 @@ class StageContext:
         trainer: the stage's ``trainer:`` section (batch sizes, steps, devices).
         cache: per-run memo for expensive shared objects (e.g. a generated task), so
             components that refer to the same thing share one instance.
+        recipe_dir: the folder of the recipe file being run: files a recipe names (a
+            Python reward) are relative to it; the working directory outside a run.
     """
 
     registry: Registry
@@ -36,6 +38,7 @@ class StageContext:
     slots: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     cache: dict[Any, Any] = field(default_factory=dict)
+    recipe_dir: Path = field(default_factory=Path.cwd)
 
     def build(self, reference: ComponentRef) -> Any:
         """Build the component a (resolved) reference names."""

@@ -232,7 +232,7 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     hook = plugins.hook
     context = StageContext(registry=plugins.registry, stage=stage.name, stage_dir=stage_dir,
                            seed=recipe.run.seed, exports=dict(exports), slots=stage.slots,
-                           trainer=stage.trainer)
+                           trainer=stage.trainer, recipe_dir=Path(recipe.path).resolve().parent)
     module = plugins.registry.build(stage.algorithm, context)
     if getattr(module, "evaluation_only", False):
         return run_evaluation(module, stage, stage_dir, fingerprint, console, hook)

@@ -1,7 +1,9 @@
-"""Reward sources that combine other reward sources.
+"""Reward sources that combine other reward sources, and rewards written in Python.
 
-Contributes the reward ``composite``: a weighted sum of any registered rewards (learned
-reward models, rule rewards such as ``gold``, other composites)::
+Contributes the reward ``python`` (a function in a file the recipe names, called as TRL
+calls reward functions) and the reward ``composite``: a weighted sum of any registered
+rewards (learned reward models, rule rewards such as ``gold``, Python ones, other
+composites)::
 
     reward:
       name: composite
@@ -16,13 +18,16 @@ See docs/rewards.md.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, StageContext, UserError, hookimpl, ref
+from rlhfkit import ComponentRef, ComponentSpec, Problem, StageContext, UserError, hookimpl, ref
+from rlhfkit.files import decode_utf8
+from rlhfkit.registry import walk
 
-__all__ = ["CompositeConfig", "CompositeTerm", "rlhfkit_components"]
+__all__ = ["CompositeConfig", "CompositeTerm", "PythonRewardConfig", "rlhfkit_components"]
 
 RewardRef = ref("reward")
 
@@ -59,9 +64,71 @@ def make_composite(config: CompositeConfig, context: StageContext | None) -> Any
                             for i, term in enumerate(config.terms)])
 
 
+class PythonRewardConfig(BaseModel):
+    """A reward function in a Python file, TRL's shape: ``f(prompts=..., completions=...)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    function: str = Field(
+        pattern=r"^.+\.py:[A-Za-z_][A-Za-z0-9_]*$",
+        description="FILE.py:NAME, FILE relative to the recipe file (or absolute); called as "
+                    "NAME(prompts=[...], completions=[...]) -> one float per completion. The file is "
+                    "your own code and runs as it is")
+    batch_size: int = Field(256, ge=1, description="completions per call")
+
+
+def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any:
+    from rlhfkit.plugins.rewards.python import PythonReward, load_function, resolve
+
+    path, name = resolve(config.function, context.recipe_dir if context is not None else Path.cwd())
+    function = load_function(path, name)
+    print(f"reward 'python': {name} from {path} (the recipe's own code, run as it is)", flush=True)
+    return PythonReward(function, path, name, config.batch_size)
+
+
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
-    return [ComponentSpec(
-        kind="reward", name="composite", config=CompositeConfig, factory=make_composite,
-        doc="weighted sum of reward sources (any kind, nested composites too)",
-    )]
+    return [
+        ComponentSpec(kind="reward", name="composite", config=CompositeConfig, factory=make_composite,
+                      doc="weighted sum of reward sources (any kind, nested composites too)"),
+        ComponentSpec(kind="reward", name="python", config=PythonRewardConfig, factory=make_python,
+                      doc="a reward function in a Python file the recipe names (TRL's reward-function shape)"),
+    ]
+
+
+@hookimpl
+def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
+    """A ``python`` reward's file exists, parses and defines its function at top level,
+    checked without running it (``rlhfkit validate`` executes no user code)."""
+    from rlhfkit.plugins.rewards.python import resolve
+
+    problems = []
+    for stage in recipe.stages:
+        for slot, value in stage.slots.items():
+            for where, node in walk(value, f"stages.{stage.name}.{slot}"):
+                if isinstance(node, ComponentRef) and node.kind == "reward" and node.name == "python" \
+                        and node._config is not None:
+                    path, name = resolve(node.config.function, Path(recipe.path).resolve().parent)
+                    why = _function_problem(path, name)
+                    if why:
+                        problems.append(Problem(str(recipe.path), f"{where}.function", why,
+                                                "FILE.py:NAME, FILE relative to the recipe file"))
+    return problems
+
+
+def _function_problem(path: Path, name: str) -> str:
+    import ast
+
+    if not path.is_file():
+        return f"no file {path}"
+    try:
+        tree = ast.parse(decode_utf8(path.read_bytes(), str(path)), filename=str(path))
+    except SyntaxError as exc:
+        return f"{path} line {exc.lineno}: {exc.msg}"
+    except UserError as exc:
+        return str(exc)
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)} | \
+              {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    if name not in defined:
+        return f"{path} defines no {name!r} at top level (it defines: {', '.join(sorted(defined)) or 'nothing'})"
+    return ""
