@@ -1,4 +1,4 @@
-"""The ``rlhfkit`` command line: run, ablate, validate, plugins, schema."""
+"""The ``rlhfkit`` command line: run, ablate, validate, recipes, plugins, schema."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (each gets cores / J threads)")
     ablate.add_argument("--validate", action="store_true", help="only check the file and every variant's recipe")
 
+    recipes = sub.add_parser("recipes", help="list the recipes that ship with rlhfkit, or copy one out")
+    recipes.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    recipes.add_argument("name", nargs="?", help="copy: the recipe (as `rlhfkit recipes` lists it)")
+    recipes.add_argument("directory", nargs="?", help="copy: where to write it (and the files it extends)")
+    recipes.add_argument("--force", action="store_true", help="copy: overwrite files that exist")
+
     plugins = sub.add_parser("plugins", help="list installed components with their settings")
     plugins.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
 
@@ -82,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipe = plugins.load_recipe(args.recipe, args.overrides)
             stages = ", ".join(f"{s.name} ({s.algorithm.name})" for s in recipe.stages)
             console.print(f"[green]ok[/]: {args.recipe} is valid; stages: {stages}; run directory {recipe.run_dir}")
+        elif args.command == "recipes":
+            show_recipes(args, console)
         elif args.command == "plugins":
             show_plugins(plugins, args.kind, console)
         elif args.command == "schema":
@@ -100,6 +108,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True)
         return 130
     return 0
+
+
+def show_recipes(args: argparse.Namespace, console: Console) -> None:
+    from pathlib import Path
+
+    from rlhfkit.shipped import copy_recipe, describe, shipped_recipes
+
+    if args.action == "copy":
+        if not args.name or not args.directory:
+            raise UserError("usage: rlhfkit recipes copy NAME DIRECTORY (names: `rlhfkit recipes`)")
+        written = copy_recipe(args.name, Path(args.directory), force=args.force)
+        console.print(f"wrote {', '.join(str(p) for p in written)}; run it with: rlhfkit run {written[0]}",
+                      highlight=False)
+        return
+    table = Table(title="recipes shipped with rlhfkit (extends: \\[builtin:NAME], or rlhfkit recipes copy NAME DIR)")
+    table.add_column("name")
+    table.add_column("what it runs")
+    for name, path in shipped_recipes().items():
+        table.add_row(name, describe(path))
+    console.print(table)
 
 
 def _print_error(exc: UserError) -> None:

@@ -423,7 +423,8 @@ def compose(path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()) -
     origins: dict[str, str] = {}
     for i, parent in enumerate(parents):
         if not isinstance(parent, str) or not parent:
-            raise UserError(f"{path}: extends[{i}] is {parent!r}; write a recipe file name or preset:NAME.")
+            raise UserError(f"{path}: extends[{i}] is {parent!r}; write a recipe file name, preset:NAME or "
+                            f"builtin:NAME.")
         try:
             layer, layer_origins = compose_parent(parent, path, presets, (*_seen, key))
         except UserError as exc:
@@ -458,8 +459,13 @@ def _get(data: Any, dotted: str) -> Any:
 
 def compose_parent(parent: str, path: Path, presets: dict[str, dict], _seen: tuple[str, ...] = ()
                    ) -> tuple[dict, dict]:
-    """One entry of ``path``'s ``extends:``: ``preset:NAME`` or a recipe file relative to
-    ``path``; its data and ``{dotted path: origin}``."""
+    """One entry of ``path``'s ``extends:``: ``preset:NAME``, ``builtin:NAME`` (a recipe
+    shipped with the package) or a recipe file relative to ``path``; its data and
+    ``{dotted path: origin}``."""
+    if parent.startswith("builtin:"):  # a recipe shipped with the package
+        from rlhfkit.shipped import shipped_recipe
+
+        return compose(shipped_recipe(parent[len("builtin:"):]), presets, _seen)
     if parent.startswith("preset:"):
         name = parent[len("preset:"):]
         if name not in presets:
