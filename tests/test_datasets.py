@@ -259,12 +259,22 @@ def test_skip_still_fails_when_no_row_is_valid(registry, tmp_path):
 
 
 def test_missing_column_is_one_error_for_the_file(registry, tmp_path):
+    file = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "completion": "c"}] * 3)
+    with pytest.raises(DataError) as caught:
+        load(registry, file, schema="prompt-completion").rows()
+    message = str(caught.value)
+    assert "has no column for prompt" in message and "question, completion" in message
+    assert "line" not in message
+
+
+def test_a_preference_file_without_prompts_is_read_as_implicit_prompts(registry, tmp_path):
+    """Without a prompt column, preference rows are TRL's implicit-prompt format; a row
+    whose texts share no beginning says how to map a prompt column instead."""
     file = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "chosen": "c", "rejected": "r"}] * 3)
     with pytest.raises(DataError) as caught:
         load(registry, file, schema="preference").rows()
     message = str(caught.value)
-    assert "has no column for prompt" in message and "question, chosen, rejected" in message
-    assert "line" not in message
+    assert "line 1" in message and "columns: {COLUMN: prompt}" in message
 
 
 def test_empty_data_is_an_error(registry, tmp_path):
@@ -446,3 +456,19 @@ def test_errors_in_a_portion_name_the_row_in_its_file(registry, tmp_path):
     with pytest.raises(DataError, match=r"p.parquet row 7 \(0-based\): field 'prompt'"):
         load(registry, tmp_path / "p.parquet", schema="preference", shuffle_seed=0,
              portion=[0.0, 1.0]).rows()
+
+
+def test_preference_with_an_implicit_prompt(registry, tmp_path):
+    """TRL's implicit-prompt preference rows: the prompt is the texts' common beginning, cut
+    at a word boundary; a row with nothing in common is an error naming the line."""
+    file = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "Q: sky? The sky is blue.", "rejected": "Q: sky? The sky is green."},
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."},
+        {"chosen": "I like cats", "rejected": "I like cars"},
+    ])
+    rows = load(registry, file, schema="preference").rows()
+    assert [(r.prompt, r.chosen, r.rejected) for r in rows] == [
+        ("Q: sky? The sky is", " blue.", " green."), ("Say hi.", "Hi!", "Go away."), ("I like", " cats", " cars")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "blue", "rejected": "green"}])
+    with pytest.raises(DataError, match="line 1.*do not begin with a common prompt"):
+        load(registry, bad, schema="preference").rows()

@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from rlhfkit import Conversation, Feedback, Preference, Prompt, PromptCompletion, Ranking, Row
@@ -55,14 +56,49 @@ class PromptCompletionRecord(_Record):
 
 
 class PreferenceRecord(_Record):
-    prompt: Text
+    """A pair with an explicit ``prompt``, or, as in TRL's "implicit prompt" preference
+    format, only ``chosen`` and ``rejected`` whole texts that begin with the same prompt:
+    the prompt is their common beginning, cut at the last whitespace before they differ
+    (TRL cuts at the first differing character, which can split a word)."""
+
+    prompt: Text | None = None
     chosen: Text
     rejected: Text
     margin: float | None = Field(default=None, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _implicit_prompt(self) -> PreferenceRecord:
+        if self.prompt is None:
+            self.prompt, self.chosen, self.rejected = split_common_prompt(self.chosen, self.rejected)
+        return self
+
     def to_row(self) -> Row:
+        assert self.prompt is not None  # filled by _implicit_prompt
         return Preference(prompt=self.prompt, chosen=self.chosen, rejected=self.rejected,
                           margin=self.margin)
+
+
+def split_common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen rest, rejected rest)``: the prompt is the texts' common
+    beginning up to the last whitespace before the first character where they differ; the
+    whitespace stays with the responses."""
+    same = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        same += 1
+    if same == len(chosen) == len(rejected):
+        raise ValueError("has no prompt field, and chosen and rejected are the same text")
+    cut = max((i for i in range(same) if chosen[i].isspace()), default=0)  # a word boundary before they differ
+    prompt, rest_chosen, rest_rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not prompt.strip():
+        raise ValueError("has no prompt field (map the file's prompt column to it with columns: {COLUMN: "
+                         "prompt}), and chosen and rejected do not begin with a common prompt (TRL's "
+                         "implicit-prompt format)")
+    if not rest_chosen.strip() or not rest_rejected.strip():
+        raise ValueError("has no prompt field, and after their common beginning chosen or rejected is empty; "
+                         "add a prompt field")
+    return prompt, rest_chosen, rest_rejected
 
 
 #: How a label may be written, in any case and with surrounding spaces (CSV holds only text).
@@ -209,7 +245,7 @@ class Schema:
 
 SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
     Schema("prompt-completion", PromptCompletionRecord, ("prompt", "completion")),
-    Schema("preference", PreferenceRecord, ("prompt", "chosen", "rejected")),
+    Schema("preference", PreferenceRecord, ("chosen", "rejected")),
     Schema("unpaired", FeedbackRecord, ("prompt", "completion", "label")),
     Schema("ranking", RankingRecord, ("prompt", "completions"), one_of=("ranks", "scores"),
            lists=("completions", "ranks", "scores")),
@@ -232,6 +268,9 @@ def describe_problem(error: ValidationError, column_of: dict[str, str]) -> tuple
     parts: list[str] = []
     missing = False
     for err in error.errors():
+        if not err["loc"]:  # a problem of the whole record (model validator)
+            parts.append(str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"])
+            continue
         field, *rest = err["loc"]
         column = column_of.get(str(field), str(field))
         label = f"'{column}{_suffix(rest)}'" + (f" (read as '{field}')" if column != field else "")
