@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rlhfkit.errors import UserError
 
@@ -75,3 +76,26 @@ def decode_utf8(raw: bytes, where: str, error: type[UserError] = UserError) -> s
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise error(f"{where} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8.") from None
+
+
+def non_unicode_path(value: Any) -> str | None:
+    """The dotted path of the first string (key or value) in ``value`` that cannot be written
+    as UTF-8 (a lone surrogate), or ``None``; ``""`` when ``value`` itself is that string.
+    Iterative, so deeply nested data cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((where, child))
+                if isinstance(key, str):
+                    stack.append((path, key))  # a bad key: its mapping (the key itself cannot be shown)
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), child) for i, child in reversed(list(enumerate(item))))
+    return None

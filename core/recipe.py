@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
-from rlhfkit.files import decode_utf8
+from rlhfkit.files import decode_utf8, non_unicode_path
 from rlhfkit.registry import ComponentRef, Registry, Slot, error_message, ref, walk
 
 COMMAND_LINE = "command line"
@@ -343,7 +343,7 @@ def parse_yaml(text: str, source: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
-    bad = _non_unicode(data)
+    bad = non_unicode_path(data)
     if bad is not None:
         raise UserError(f"{source}: the value at {bad or 'the top'} is not valid Unicode (a lone surrogate "
                         f"escape such as \\ud800?); write the character itself.")
@@ -352,30 +352,6 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def _at(mark: Any) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def _non_unicode(value: Any, path: str = "") -> str | None:
-    """The dotted path of the first string (key or value) that cannot be written as UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and _non_unicode(key) is not None:
-                return path or where
-            found = _non_unicode(item, where)
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _non_unicode(item, f"{path}.{i}" if path else str(i))
-            if found is not None:
-                return found
-    return None
 
 
 def read_text_file(path: Path, what: str, limit: int) -> str:
@@ -513,7 +489,7 @@ def apply_override(data: dict[str, Any], item: str) -> Any:
     dotted, text = item.split("=", 1)
     if not dotted or any(not part for part in dotted.split(".")):
         raise UserError(f"override {item!r} has an empty key; write key.path=value")
-    if _non_unicode(item) is not None:
+    if non_unicode_path(item) is not None:
         raise UserError("the override is not valid Unicode (bytes that are not UTF-8?)")
     if len(text) > MAX_RECIPE_BYTES:
         raise UserError(f"the value has more than {MAX_RECIPE_BYTES} characters")

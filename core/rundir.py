@@ -16,10 +16,9 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from rlhfkit.errors import UserError
-from rlhfkit.files import atomic_write_text
 
 LOCK_NAME = ".rlhfkit.lock"
 # what atomic writes leave beside their target when killed: files.atomic_write_text,
@@ -65,12 +64,6 @@ class RunLock:
             self._handle.close()  # closing the descriptor releases the flock
             self._handle = None
 
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
@@ -200,6 +193,3 @@ def disk_full_error(exc: BaseException, run_dir: Path, intact: str) -> UserError
         f"the unfinished write was removed; {intact}. Free some space (or point run.dir at a larger disk "
         f"and move the run there), then re-run the same command to resume.")
 
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhfkit import DataError
-from rlhfkit.files import decode_utf8
+from rlhfkit.files import decode_utf8, non_unicode_path
 from rlhfkit.plugins.datasets.config import Format, format_from_name, is_glob
 
 if TYPE_CHECKING:
@@ -218,24 +218,6 @@ def _loads(text: str) -> Any:
         raise ValueError("is nested too deeply") from None
 
 
-def _why_unusable(value: Any) -> str:
-    """Why a parsed record cannot be used as text ("" if it can): a lone surrogate."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "holds a lone surrogate escape (such as \\ud800), which is not text"
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-            stack.extend(item.keys())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return ""
-
-
 def _read_json(file: Path) -> list[Item]:
     """The records of a JSON array file or a JSON Lines file (whatever its ending says)."""
     text = _decoded(file)
@@ -280,8 +262,9 @@ def _reason(exc: ValueError) -> str:
 
 def _as_record(item: Any) -> dict[str, Any] | Unparsable:
     if isinstance(item, dict):
-        why = _why_unusable(item)
-        return Unparsable(why) if why else item
+        if non_unicode_path(item) is not None:
+            return Unparsable("holds a lone surrogate escape (such as \\ud800), which is not text")
+        return item
     return Unparsable(f"is a JSON {type(item).__name__}, not an object of named fields "
                       f"like {{\"prompt\": ...}}")
 

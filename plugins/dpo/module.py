@@ -118,6 +118,7 @@ class DirectPreference(L.LightningModule):
         self.precomputed: torch.Tensor | None = None
         self.precomputed_eval: torch.Tensor | None = None
         self.history: dict[str, Any] = {}
+        self._prepared = False  # models on the device, rows tokenized, the shared-prompt check (_prepare)
         self._last_time = time.perf_counter()
 
     @property
@@ -319,7 +320,7 @@ class DirectPreference(L.LightningModule):
 
     def finalize(self) -> None:
         """After the last step (again after a resume at it): final evaluation and samples."""
-        if not getattr(self, "_prepared", False):
+        if not self._prepared:  # resumed at the last step: on_train_start did not run
             self._prepare()
         self._evaluate("eval_after")
         evaluation.write_samples(self, "after")
