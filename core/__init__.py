@@ -16,6 +16,7 @@ from rlhfkit.interfaces import (
     Feedback,
     FeedbackBatch,
     LossTerm,
+    Messages,
     Objective,
     Policy,
     PolicyOutput,
@@ -23,17 +24,31 @@ from rlhfkit.interfaces import (
     PreferenceBatch,
     Prompt,
     PromptCompletion,
+    PromptText,
     Ranking,
     RewardBatch,
     RewardSource,
     Rollout,
     Row,
     Task,
+    score_rows,
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import OptimizerSettings, Recipe, SamplingSettings, StageRef, TrainerSection, load_recipe
 from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
-from rlhfkit.tokens import encode_pairs, encode_preferences, layout_preferences, tokenize_preferences
+from rlhfkit.tokens import (
+    CHAT_MODES,
+    chat_mode,
+    encode_pairs,
+    encode_preferences,
+    encode_prompts,
+    layout_preferences,
+    prompt_display,
+    render_prompt,
+    set_chat_mode,
+    template_turn_end,
+    tokenize_preferences,
+)
 
 # torch and lightning load only when a plugin first asks for these names, so that
 # `rlhfkit validate` and `rlhfkit plugins` start fast.
@@ -60,6 +75,7 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHAT_MODES",
     "KINDS",
     "Advantages",
     "Algorithm",
@@ -73,6 +89,7 @@ __all__ = [
     "Feedback",
     "FeedbackBatch",
     "LossTerm",
+    "Messages",
     "NonFiniteError",
     "Objective",
     "OptimizerSettings",
@@ -85,6 +102,7 @@ __all__ = [
     "Problem",
     "Prompt",
     "PromptCompletion",
+    "PromptText",
     "Ranking",
     "Recipe",
     "RecipeError",
@@ -104,9 +122,11 @@ __all__ = [
     "adamw",
     "atomic_directory",
     "atomic_write_text",
+    "chat_mode",
     "check_finite_weights",
     "encode_pairs",
     "encode_preferences",
+    "encode_prompts",
     "entropy_from_logits",
     "gradient_sync",
     "hookimpl",
@@ -128,10 +148,15 @@ __all__ = [
     "micro_batches",
     "optimizer_step",
     "positions_from_mask",
+    "prompt_display",
     "rank_seed",
     "ref",
+    "render_prompt",
+    "score_rows",
+    "set_chat_mode",
     "shared_prompt_mask",
     "step_loader",
+    "template_turn_end",
     "tokenize_preferences",
     "total_steps",
     "whiten",

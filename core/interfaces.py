@@ -18,13 +18,18 @@ if TYPE_CHECKING:  # annotations only: importing rlhfkit stays free of torch
 
 # --------------------------------------------------------------------------- rows
 
+#: Chat messages, ``({"role": "user", "content": "..."}, ...)``, oldest first.
+Messages = tuple[dict[str, str], ...]
+#: A prompt: text, or a conversation the chat template renders (see ``rlhfkit.encode_prompts``).
+PromptText = str | Messages
+
 
 @dataclass(frozen=True)
 class PromptCompletion:
     """A demonstration: train on ``completion`` given ``prompt``. An empty prompt is plain
     text (pretraining)."""
 
-    prompt: str
+    prompt: PromptText
     completion: str
 
 
@@ -41,7 +46,7 @@ class Preference:
     """One labelled comparison. ``margin`` is the label strength when the data has one
     (Llama-2 style), else ``None``."""
 
-    prompt: str
+    prompt: PromptText
     chosen: str
     rejected: str
     margin: float | None = None
@@ -51,16 +56,18 @@ class Preference:
 class Ranking:
     """K completions of one prompt with ranks: 0 is best, equal ranks are ties."""
 
-    prompt: str
+    prompt: PromptText
     completions: tuple[str, ...]
     ranks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt for online sampling (RL, online DPO)."""
+    """A prompt for online sampling (RL, online DPO). ``fields`` holds the row's other
+    columns (a reference answer, a test case...), which reward functions receive."""
 
-    prompt: str
+    prompt: PromptText
+    fields: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class Feedback:
     """One completion labelled on its own, with no comparison: thumbs up (``desirable``)
     or thumbs down. Unpaired preference data, as KTO trains on."""
 
-    prompt: str
+    prompt: PromptText
     completion: str
     desirable: bool
 
@@ -89,7 +96,8 @@ class Rollout:
         response_mask: ``[B, T]`` 1 on response tokens up to and including EOS.
         logprobs: ``[B, T]`` log pi_old of the sampled tokens at rollout time (on
             ``logits / temperature``), 0 on padding.
-        prompts, responses: the decoded text, for reward sources and logging.
+        prompts, responses: the prompts (text or conversations, as the data gave them) and
+            the decoded responses, for reward sources and logging.
         group: ``[B]`` index of the prompt each sample came from (group sampling: the
             samples of one prompt share it).
         truncated: ``[B]`` True where the response hit the length limit without EOS.
@@ -102,6 +110,8 @@ class Rollout:
         advantages, returns: ``[B, T]`` from the estimator (returns: critic targets).
         extras: per-sample ``[B, ...]`` tensors an estimator or constraint needs beyond
             these (e.g. a greedy baseline's scores); sliced with the rest.
+        fields: per sample, the other columns of its prompt's data row (``Prompt.fields``),
+            for reward sources that read them; ``None`` when not collected.
     """
 
     prompt_ids: torch.Tensor
@@ -109,7 +119,7 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor
-    prompts: list[str]
+    prompts: list[PromptText]
     responses: list[str]
     group: torch.Tensor
     truncated: torch.Tensor
@@ -120,6 +130,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    fields: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -286,11 +297,36 @@ class Policy(Protocol):
 
 @runtime_checkable
 class RewardSource(Protocol):
-    """Scores (prompt, response) pairs."""
+    """Scores (prompt, response) pairs. A prompt is text or a conversation (a sequence of
+    ``{"role", "content"}`` messages), as the data gave it.
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    A source that also reads the rows' other columns (a reference answer...) takes a
+    keyword ``fields``: one dict per pair; :func:`score_rows` passes it only to sources
+    whose ``score`` accepts it.
+    """
+
+    def score(self, prompts: Sequence[PromptText], responses: Sequence[str]) -> torch.Tensor:
         """Return ``[B]`` float scores."""
         ...
+
+
+def score_rows(source: RewardSource, prompts: Sequence[PromptText], responses: Sequence[str],
+               fields: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+    """``source.score(prompts, responses)``, with ``fields=`` when given and the source's
+    ``score`` takes a ``fields`` keyword (or ``**kwargs``)."""
+    if fields is not None and _takes_fields(source.score):
+        return source.score(prompts, responses, fields=list(fields))
+    return source.score(prompts, responses)
+
+
+def _takes_fields(function: Any) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "fields" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 @runtime_checkable

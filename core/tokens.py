@@ -1,16 +1,131 @@
-"""Tokenising text pairs the same way everywhere (SFT, reward models, DPO, PPO scoring)."""
+"""Tokenising prompts and responses the same way everywhere (SFT, reward models, DPO,
+PPO sampling and scoring, evaluation).
+
+**The chat rule.** A prompt is either text or a conversation (a sequence of ``{"role",
+"content"}`` messages). :func:`encode_prompts` turns both into token ids, and every stage
+goes through it:
+
+- a conversation is rendered with the tokenizer's chat template with the generation
+  prompt added (the model is to answer next), and the rendered text is tokenized without
+  adding special tokens (a template writes its own BOS, so none is doubled);
+- text is tokenized as it is, with the tokenizer's own special tokens (e.g. a Llama BOS),
+  unless the tokenizer's chat setting is ``always``: then text is the content of one user
+  message and goes through the template too (an empty prompt, plain text for
+  pretraining, stays empty);
+- with the setting ``never``, a conversation is an error.
+
+The setting (:data:`CHAT_MODES`) is stored in the tokenizer's init kwargs
+(:data:`CHAT_SETTING`), so ``save_pretrained`` writes it into ``tokenizer_config.json``
+and a later stage, or a reward model scoring another stage's samples, applies the same
+rule to the same prompt. Responses are always tokenized without special tokens and end
+with the tokenizer's EOS (the policy makes that the token the template closes a turn
+with, see :func:`template_turn_end`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from rlhfkit.errors import UserError
 
-def encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_length: int,
+#: The tokenizer init kwarg (saved in tokenizer_config.json) that holds the chat setting.
+CHAT_SETTING = "rlhfkit_chat_template"
+#: ``auto``: conversations use the template, text is used as it is; ``always``: text
+#: prompts become one user message; ``never``: no template (conversations are an error).
+CHAT_MODES = ("auto", "always", "never")
+_PROBE = "rlhfkit-turn-end-probe"
+
+
+def chat_mode(tokenizer: Any) -> str:
+    """The tokenizer's chat setting, ``auto`` when none was set."""
+    return getattr(tokenizer, "init_kwargs", {}).get(CHAT_SETTING) or "auto"
+
+
+def set_chat_mode(tokenizer: Any, mode: str) -> None:
+    """Store ``mode`` on ``tokenizer`` (and in what ``save_pretrained`` writes)."""
+    if mode not in CHAT_MODES:
+        raise ValueError(f"chat mode must be one of {', '.join(CHAT_MODES)}, got {mode!r}")
+    tokenizer.init_kwargs[CHAT_SETTING] = mode
+
+
+def is_conversation(prompt: Any) -> bool:
+    """True for a sequence of messages, False for text."""
+    return not isinstance(prompt, str)
+
+
+def prompt_display(prompt: Any) -> str:
+    """``prompt`` for people to read: text as it is, a conversation one ``role: content``
+    line per message (not what the model sees: :func:`render_prompt` is)."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def prompt_messages(prompt: Any, mode: str) -> list[dict[str, str]] | None:
+    """The messages the template renders for ``prompt`` under ``mode``, or ``None`` when
+    the prompt is used as text."""
+    if is_conversation(prompt):
+        if mode == "never":
+            raise UserError("a conversational prompt (a list of messages) reached a policy whose chat_template "
+                            "setting is 'never'; set policy.chat_template: auto to render it with the "
+                            "tokenizer's chat template, or give text prompts.")
+        return [dict(message) for message in prompt]
+    if mode == "always" and prompt:
+        return [{"role": "user", "content": prompt}]
+    return None
+
+
+def render_prompt(tokenizer: Any, prompt: Any) -> str:
+    """The text the model is given for ``prompt`` under the tokenizer's chat rule."""
+    messages = prompt_messages(prompt, chat_mode(tokenizer))
+    if messages is None:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"conversational prompts need a chat template, and the tokenizer "
+                        f"{getattr(tokenizer, 'name_or_path', '') or ''!r} has none: give it one "
+                        "(chat_template.jinja or tokenizer_config.json's chat_template), or use text "
+                        "prompts with policy.chat_template: auto or never.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each prompt under the chat rule (module docstring); nothing is cut."""
+    mode = chat_mode(tokenizer)
+    rendered = [prompt_messages(p, mode) is not None for p in prompts]
+    out: list[list[int] | None] = [None] * len(prompts)
+    for special in (True, False):  # text with the tokenizer's specials, templates without
+        chosen = [i for i, r in enumerate(rendered) if r != special]
+        if chosen:
+            texts = [render_prompt(tokenizer, prompts[i]) for i in chosen]
+            for i, ids in zip(chosen, tokenizer(texts, add_special_tokens=special)["input_ids"], strict=True):
+                out[i] = ids
+    return out  # type: ignore[return-value]
+
+
+def template_turn_end(tokenizer: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with (Qwen's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``), or ``None`` when the template writes none
+    right after the reply (or there is no template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this probe names no turn end
+        return None
+    after = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
+    specials = sorted(set(tokenizer.all_special_tokens) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special},
+        key=len, reverse=True)
+    stripped = after.lstrip(" ")
+    return next((token for token in specials if token and stripped.startswith(token)), None)
+
+
+def encode_pairs(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[str], max_length: int,
                  add_eos: bool = True) -> dict[str, list[list[int]]]:
     """Encode ``prompt + completion (+ EOS)``, right-padded with the tokenizer's PAD.
 
-    Prompts get the tokenizer's own special tokens (e.g. a Llama BOS), completions none.
+    Prompts (text or conversations) follow the chat rule (:func:`encode_prompts`),
+    completions get no special tokens.
     Over ``max_length``, tokens are dropped from the left of the prompt first: the
     completion is what is learned or scored, and the prompt's end is the context nearest
     to it. A completion that alone exceeds ``max_length`` keeps its first ``max_length``
@@ -23,7 +138,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[s
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    prompt_rows = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    prompt_rows = encode_prompts(tokenizer, prompts)
     completion_rows = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos else []
     pairs = []
@@ -33,7 +148,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[s
     return _padded(pairs, tokenizer.pad_token_id)
 
 
-def encode_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+def encode_preferences(tokenizer: Any, prompts: Sequence[Any], chosen: Sequence[str], rejected: Sequence[str],
                        max_length: int, shared: bool) -> dict[str, list[list[int]]]:
     """Encode preference pairs; both responses of a pair see the same prompt, cut on the
     left so that it fits ``max_length`` with the longer of the two (each response + EOS is
@@ -61,14 +176,14 @@ def encode_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[
     return layout_preferences(triples, tokenizer.eos_token_id, tokenizer.pad_token_id, max_length, shared)
 
 
-def tokenize_preferences(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]
+def tokenize_preferences(tokenizer: Any, prompts: Sequence[Any], chosen: Sequence[str], rejected: Sequence[str]
                          ) -> list[tuple[list[int], list[int], list[int]]]:
-    """``(prompt, chosen, rejected)`` token ids per pair: the prompt with the tokenizer's
-    special tokens, the responses without, nothing cut, no EOS yet (for
-    :func:`layout_preferences`; a caller may keep them to lay out again without
+    """``(prompt, chosen, rejected)`` token ids per pair: the prompt under the chat rule
+    (:func:`encode_prompts`), the responses without special tokens, nothing cut, no EOS
+    yet (for :func:`layout_preferences`; a caller may keep them to lay out again without
     re-tokenizing)."""
-    rows = [tokenizer(list(texts), add_special_tokens=special)["input_ids"]
-            for texts, special in ((prompts, True), (chosen, False), (rejected, False))]
+    rows = [encode_prompts(tokenizer, prompts)] + [tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+                                                   for texts in (chosen, rejected)]
     return list(zip(*rows, strict=True))
 
 

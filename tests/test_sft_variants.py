@@ -55,9 +55,9 @@ def test_messages_with_lora_on_llama(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(stage_dir / "export")
     assert not any("lora" in name for name, _ in model.named_parameters())
-    # the prompt the model saw is the chat template's rendering
+    # samples record the prompt as the data gave it: the conversation before the reply
     sample = json.loads((stage_dir / "samples.jsonl").read_text().splitlines()[0])
-    assert sample["prompt"].startswith("user : review the printer :")
+    assert sample["prompt"] == conversation[:1]
 
 
 def test_pretraining_on_text_with_opt_trains_on_every_token(tmp_path):

@@ -191,6 +191,9 @@ class FileDataset:
         for field in self.schema.fields:
             if field not in column_of and field in names and field not in renames:
                 column_of[field] = field
+        if self.schema.keeps_other_columns:
+            used = set(column_of.values())
+            column_of.update({name: name for name in names if name not in used and name not in column_of})
         missing = [f for f in self.schema.required if f not in column_of]
         if self.schema.one_of and not any(f in column_of for f in self.schema.one_of):
             missing.append(" or ".join(self.schema.one_of))

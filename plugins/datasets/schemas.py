@@ -37,6 +37,62 @@ def _not_blank(text: str) -> str:
 #: A string with at least one non-whitespace character, kept as it is.
 Text = Annotated[str, AfterValidator(_not_blank)]
 
+#: The roles a message may have.
+ROLES = ("system", "user", "assistant")
+
+
+def _messages(value: list[Any]) -> tuple[dict[str, str], ...]:
+    """A list of ``{"role", "content"}`` messages, checked; other keys are dropped."""
+    if not value:
+        raise ValueError("is an empty list of messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as the row's problem
+                f"[{i}] must be a message ({{\"role\": ..., \"content\": ...}}), got {_preview(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"[{i}].role must be one of {', '.join(ROLES)}, got {_preview(role)}")
+        if not isinstance(content, str) or not content or content.isspace():
+            raise ValueError(f"[{i}].content must be non-empty text, got {_preview(content)}")
+        out.append({"role": role, "content": content})
+    roles = [m["role"] for m in out]
+    if "system" in roles[1:]:
+        raise ValueError(f"may have a system message only first, got roles {roles}")
+    return tuple(out)
+
+
+def _prompt(value: Any) -> str | tuple[dict[str, str], ...]:
+    """Text, or a conversation the model answers next (TRL's conversational prompt): ends
+    with a user message."""
+    if isinstance(value, str):
+        return _not_blank(value)
+    if isinstance(value, list):
+        messages = _messages(value)
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"must end with a user message (the model answers it), got roles "
+                             f"{[m['role'] for m in messages]}")
+        return messages
+    raise ValueError(f"must be text or a list of messages, got {_preview(value)}")
+
+
+def _reply(value: Any) -> str:
+    """A response: text, or TRL's conversational completion, one assistant message."""
+    if isinstance(value, str):
+        return _not_blank(value)
+    if isinstance(value, list):
+        messages = _messages(value)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise ValueError(f"must be text or one assistant message, got roles {[m['role'] for m in messages]}")
+        return messages[0]["content"]
+    raise ValueError(f"must be text or a list with one assistant message, got {_preview(value)}")
+
+
+#: A prompt: text, or a list of messages ending with the user's (kept as a tuple of dicts).
+PromptField = Annotated[Any, AfterValidator(_prompt)]
+#: A response: text, or a list holding one assistant message (read as its text).
+ReplyField = Annotated[Any, AfterValidator(_reply)]
+
 
 class _Record(BaseModel):
     """One record of a data file; columns the schema does not name are ignored."""
@@ -48,8 +104,8 @@ class _Record(BaseModel):
 
 
 class PromptCompletionRecord(_Record):
-    prompt: Text
-    completion: Text
+    prompt: PromptField
+    completion: ReplyField
 
     def to_row(self) -> Row:
         return PromptCompletion(prompt=self.prompt, completion=self.completion)
@@ -57,19 +113,39 @@ class PromptCompletionRecord(_Record):
 
 class PreferenceRecord(_Record):
     """A pair with an explicit ``prompt``, or, as in TRL's "implicit prompt" preference
-    format, only ``chosen`` and ``rejected`` whole texts that begin with the same prompt:
-    the prompt is their common beginning, cut at the last whitespace before they differ
-    (TRL cuts at the first differing character, which can split a word)."""
+    format, only ``chosen`` and ``rejected`` that begin with the same prompt.
 
-    prompt: Text | None = None
-    chosen: Text
-    rejected: Text
+    Text: the prompt is their common beginning, cut at the last whitespace before they
+    differ (TRL cuts at the first differing character, which can split a word).
+    Conversations: the prompt is their common first messages, and what follows must be
+    one assistant message in each."""
+
+    prompt: PromptField | None = None
+    chosen: Text | list[Any]
+    rejected: Text | list[Any]
     margin: float | None = Field(default=None, allow_inf_nan=False)
+
+    @field_validator("chosen", "rejected", mode="before")
+    @classmethod
+    def _text_or_messages(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return list(_messages(value))
+        if not isinstance(value, str):  # pydantic reports ValueError as the row's problem
+            raise ValueError(f"must be text or a list of messages, got {_preview(value)}")  # noqa: TRY004
+        return value
 
     @model_validator(mode="after")
     def _implicit_prompt(self) -> PreferenceRecord:
-        if self.prompt is None:
-            self.prompt, self.chosen, self.rejected = split_common_prompt(self.chosen, self.rejected)
+        chosen, rejected = self.chosen, self.rejected
+        if self.prompt is not None:
+            self.chosen, self.rejected = _reply(chosen), _reply(rejected)
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            self.prompt, self.chosen, self.rejected = split_common_prompt(chosen, rejected)
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            self.prompt, self.chosen, self.rejected = split_common_messages(chosen, rejected)
+        else:
+            raise ValueError("has no prompt field, and one of chosen and rejected is text while the other is a "
+                             "list of messages; give both in one form")
         return self
 
     def to_row(self) -> Row:
@@ -101,6 +177,23 @@ def split_common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, rest_chosen, rest_rejected
 
 
+def split_common_messages(chosen: list[dict[str, str]], rejected: list[dict[str, str]]
+                          ) -> tuple[tuple[dict[str, str], ...], str, str]:
+    """``(prompt messages, chosen reply, rejected reply)`` of two conversations that share
+    every message but their last, an assistant reply each (TRL's conversational implicit
+    prompt)."""
+    if len(chosen) < 2 or len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
+        raise ValueError("has no prompt field, and chosen and rejected are not the same conversation up to "
+                         "their last message (TRL's implicit-prompt format); add a prompt field")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise ValueError("has no prompt field, and chosen or rejected does not end with an assistant message")
+    prompt = tuple(chosen[:-1])
+    _prompt(list(prompt))  # ends with the user's message
+    if chosen[-1] == rejected[-1]:
+        raise ValueError("has no prompt field, and chosen and rejected are the same conversation")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
 #: How a label may be written, in any case and with surrounding spaces (CSV holds only text).
 LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -121,8 +214,8 @@ def _label(value: Any) -> bool:
 
 
 class FeedbackRecord(_Record):
-    prompt: Text
-    completion: Text
+    prompt: PromptField
+    completion: ReplyField
     label: Annotated[bool, BeforeValidator(_label)]
 
     def to_row(self) -> Row:
@@ -136,8 +229,8 @@ def ranks_from_scores(scores: list[float]) -> tuple[int, ...]:
 
 
 class RankingRecord(_Record):
-    prompt: Text
-    completions: list[Text] = Field(min_length=2)
+    prompt: PromptField
+    completions: list[ReplyField] = Field(min_length=2)
     # scores before ranks: the ranks check needs to know whether scores were given.
     scores: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
     ranks: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, validate_default=True)
@@ -201,10 +294,13 @@ class MessagesRecord(_Record):
 
 
 class PromptRecord(_Record):
-    prompt: Text
+    """A prompt, and the row's other columns (kept for reward functions)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: PromptField
 
     def to_row(self) -> Row:
-        return Prompt(prompt=self.prompt)
+        return Prompt(prompt=self.prompt, fields=dict(self.model_extra or {}))
 
 
 class TextRecord(_Record):
@@ -225,6 +321,7 @@ class Schema:
         required: columns every file of this schema must have.
         one_of: the file must have at least one of these columns as well.
         lists: columns holding lists, which CSV cannot store.
+        keeps_other_columns: the row keeps the file's other columns (``Prompt.fields``).
     """
 
     name: str
@@ -232,6 +329,7 @@ class Schema:
     required: tuple[str, ...]
     one_of: tuple[str, ...] = ()
     lists: tuple[str, ...] = ()
+    keeps_other_columns: bool = False
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -250,7 +348,7 @@ SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
     Schema("ranking", RankingRecord, ("prompt", "completions"), one_of=("ranks", "scores"),
            lists=("completions", "ranks", "scores")),
     Schema("messages", MessagesRecord, ("messages",), lists=("messages",)),
-    Schema("prompt", PromptRecord, ("prompt",)),
+    Schema("prompt", PromptRecord, ("prompt",), keeps_other_columns=True),
     Schema("text", TextRecord, ("text",)),
 )}
 

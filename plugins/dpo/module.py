@@ -26,6 +26,7 @@ from rlhfkit import (
     log_now,
     log_step,
     optimizer_step,
+    score_rows,
     step_loader,
     total_steps,
 )
@@ -97,7 +98,9 @@ class DirectPreference(L.LightningModule):
             if config.reference_logps == "precompute":
                 raise UserError("online DPO samples new pairs every step, so reference log-probs cannot be "
                                 "precomputed; set algorithm.reference_logps: on-the-fly")
-            self.rows: list[Any] = [self._prompt_of(r) for r in context.component("data").rows()]  # prompts
+            prompt_rows = context.component("data").rows()
+            self.rows: list[Any] = [self._prompt_of(r) for r in prompt_rows]  # prompts
+            self.prompt_fields = [dict(getattr(r, "fields", None) or {}) for r in prompt_rows]
         else:
             self.rows = _pairs(context.component("data").rows(), "data")
         self.unpaired = bool(self.rows) and isinstance(self.rows[0], Feedback)  # KTO on Feedback rows: unpaired.py
@@ -129,7 +132,7 @@ class DirectPreference(L.LightningModule):
 
     # ------------------------------------------------------------------ data
     @staticmethod
-    def _prompt_of(row: Any) -> str:
+    def _prompt_of(row: Any) -> Any:
         prompt = getattr(row, "prompt", None)
         if prompt is None:
             raise UserError(f"online DPO samples from prompts; a {type(row).__name__} row has none. Point `data:` "
@@ -138,14 +141,15 @@ class DirectPreference(L.LightningModule):
 
     def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
         if self.config.online is not None:  # pairs are sampled in the step, on the device
-            return {"index": torch.tensor([i for i, _ in items]), "prompts": [prompt for _, prompt in items]}
+            return {"index": torch.tensor([i for i, _ in items]), "prompts": [prompt for _, prompt in items],
+                    "fields": [self.prompt_fields[i] for i, _ in items]}
         if self.unpaired:
             return unpaired.encode(self, items)
         indices = [i for i, _ in items]
         return self.encode([row for _, row in items], indices=indices) | {"index": torch.tensor(indices)}
 
     @torch.no_grad()
-    def _online_pairs(self, prompts: list[str]) -> dict[str, Any]:
+    def _online_pairs(self, prompts: list[Any], fields: list[dict[str, Any]]) -> dict[str, Any]:
         """Two sampled responses per prompt, labelled by the reward (ties are dropped: they
         carry no preference). Sampling is seeded by (seed, step, rank): resume is exact."""
         online = self.config.online
@@ -153,7 +157,7 @@ class DirectPreference(L.LightningModule):
         responses = self.policy.generate(prompts * 2, max_new_tokens=online.max_new_tokens, do_sample=True,
                                          temperature=online.temperature, top_k=online.top_k, top_p=online.top_p)
         first, second = responses[: len(prompts)], responses[len(prompts):]
-        scores = self.reward.score(prompts * 2, responses).float().cpu()
+        scores = score_rows(self.reward, prompts * 2, responses, fields * 2).float().cpu()
         a, b = scores[: len(prompts)], scores[len(prompts):]
         rows = [Preference(p, x, y) if sa > sb else Preference(p, y, x)
                 for p, x, y, sa, sb in zip(prompts, first, second, a.tolist(), b.tolist(), strict=True) if sa != sb]
@@ -206,7 +210,7 @@ class DirectPreference(L.LightningModule):
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.config.online is not None:
-            sampled = self._online_pairs(batch["prompts"])
+            sampled = self._online_pairs(batch["prompts"], batch["fields"])
             if sampled["batch"] is None:  # every pair tied: nothing to learn this step
                 self.optimizers().zero_grad(set_to_none=True)
                 optimizer_step(self, self.section.gradient_clip)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import StageContext, UserError, logprobs_from_logits
+from rlhfkit import StageContext, UserError, logprobs_from_logits, prompt_display, score_rows
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugins.evaluate import EvaluateConfig
 from rlhfkit.plugins.ppo.rollout import response_logits
@@ -69,7 +69,10 @@ class Evaluate:
         self.reward = context.component("reward")
         self.reward_label = _label(context.slots.get("reward"), len(refs)) if self.reward is not None else ""
         self.gold = context.component("gold")
-        self.prompts = [r.prompt for r in _rows(context.component("prompts"), "prompts", "prompt")][: config.prompts]
+        prompt_rows = _rows(context.component("prompts"), "prompts", "prompt")[: config.prompts]
+        self.prompts = [r.prompt for r in prompt_rows]
+        #: each prompt row's other columns, for reward sources that read them
+        self.fields = [dict(getattr(r, "fields", None) or {}) for r in prompt_rows]
         text = context.component("text")
         self.text = _rows(text, "text", "completion") if text is not None else []
         pairs = context.component("pairs")
@@ -124,7 +127,7 @@ class Evaluate:
                     own = _response_logprobs(policy.model, ids, mask, sampled, sampled_mask)
                     ref = _response_logprobs(self.reference.model, ids, mask, sampled, sampled_mask)
                     kls.append((own - ref).sum(1))
-        scores = {name: self._score(source, self.prompts, answers)
+        scores = {name: self._score(source, self.prompts, answers, self.fields)
                   for name, source in (("gold", self.gold), ("proxy", self.reward)) if source is not None}
         metrics = {name: float(values.mean()) for name, values in scores.items()}
         if kls:
@@ -134,9 +137,11 @@ class Evaluate:
             metrics["perplexity"] = self._perplexity(policy)
         return metrics, answers, scores
 
-    def _score(self, source: Any, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def _score(self, source: Any, prompts: list[Any], responses: list[str],
+               fields: list[dict[str, Any]] | None = None) -> torch.Tensor:
         size = self.config.batch_size
-        parts = [source.score(prompts[i:i + size], responses[i:i + size]).float().cpu()
+        parts = [score_rows(source, prompts[i:i + size], responses[i:i + size],
+                            fields[i:i + size] if fields is not None else None).float().cpu()
                  for i in range(0, len(prompts), size)]
         return torch.cat(parts)
 
@@ -178,7 +183,7 @@ class Evaluate:
             tables.append({
                 "title": "the same prompts after each stage",
                 "columns": ["prompt", "model", "answer", *scored],
-                "rows": [[row["prompt"] if i % len(self.labels) == 0 else "", row["model"], row["response"],
+                "rows": [[prompt_display(row["prompt"]) if i % len(self.labels) == 0 else "", row["model"], row["response"],
                           *(f"{row[k]:.2f}" for k in scored)] for i, row in enumerate(self.sample_rows)],
                 "caption": "", "sections": len(self.labels)})
         return tables

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 from transformers.utils import logging as transformers_logging
 
-from rlhfkit import StageContext, UserError
+from rlhfkit import StageContext, UserError, chat_mode, set_chat_mode, template_turn_end
 from rlhfkit.plugins.policy.config import ArchitectureConfig, LoraSettings, TransformersPolicyConfig
 from rlhfkit.plugins.policy.model import TransformersPolicy
 from rlhfkit.plugins.policy.tokenizer import (
@@ -37,6 +37,7 @@ def build_policy(config: TransformersPolicyConfig, context: StageContext | None
     """Build the policy: source directory or architecture, tokenizer, dropout, LoRA."""
     source = _source_directory(config, context)
     tokenizer = _tokenizer(config, context, source)
+    apply_chat_setting(tokenizer, config.chat_template)
     pad_added = ensure_distinct_pad(tokenizer)
     dtype = getattr(torch, config.dtype)
     if source is None:
@@ -64,6 +65,25 @@ def build_policy(config: TransformersPolicyConfig, context: StageContext | None
     if config.lora is not None:
         model = _add_lora(model, config.lora, config.dropout)
     return TransformersPolicy(model, tokenizer, config)
+
+
+def apply_chat_setting(tokenizer: PreTrainedTokenizerBase, mode: str | None) -> None:
+    """Store the chat setting on ``tokenizer`` (``None``: keep the saved one) and, when
+    the template closes an assistant turn with a special token other than EOS (a base
+    Qwen tokenizer: EOS ``<|endoftext|>``, turns end with ``<|im_end|>``), make that token
+    EOS: responses are then trained to end, and sampling stops, where the template ends
+    a reply."""
+    if mode is not None:
+        set_chat_mode(tokenizer, mode)
+    mode = chat_mode(tokenizer)
+    if mode == "always" and not tokenizer.chat_template:
+        raise UserError(f"policy.chat_template is 'always' but the tokenizer {tokenizer.name_or_path!r} has no "
+                        "chat template; give it one (chat_template.jinja) or set chat_template: auto.")
+    end = template_turn_end(tokenizer) if mode != "never" else None
+    if end is not None and end != tokenizer.eos_token:
+        print(f"policy: responses end with {end!r}, the token the chat template closes a turn with "
+              f"(the tokenizer's EOS was {tokenizer.eos_token!r})", flush=True)
+        tokenizer.eos_token = end
 
 
 def architecture_config(architecture: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase

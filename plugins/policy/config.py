@@ -118,6 +118,12 @@ class TransformersPolicyConfig(BaseModel):
                     "the checkpoint's own modules.")
     lora: LoraSettings | None = Field(
         None, description="Train low-rank adapters instead of all weights.")
+    chat_template: Literal["auto", "always", "never"] | None = Field(
+        None,
+        description="When prompts go through the tokenizer's chat template. auto: conversational rows "
+                    "(lists of messages) do, text is used as it is; always: text prompts too, as one user "
+                    "message; never: no template (conversational rows are an error). Default: what the "
+                    "source model's tokenizer was saved with (an earlier stage's setting), else auto.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TransformersPolicyConfig:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit import NonFiniteError, atomic_directory, encode_pairs
+from rlhfkit import NonFiniteError, atomic_directory, encode_pairs, encode_prompts
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
@@ -40,14 +41,15 @@ class TransformersPolicy:
 
     # ------------------------------------------------------------------ tokenising
 
-    def tokenize_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts left-padded, so every row's last token sits at the same column
-        and generation continues all rows in step.
+    def tokenize_prompts(self, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts (text or conversations, under the chat rule of
+        :func:`rlhfkit.encode_prompts`) left-padded, so every row's last token sits at the
+        same column and generation continues all rows in step.
 
         Returns:
             ``prompt_ids [B, P]`` and ``prompt_mask [B, P]``, on the model's device.
         """
-        rows = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        rows = encode_prompts(self.tokenizer, prompts)
         empty = [i for i, row in enumerate(rows) if not row]
         if empty:
             raise ValueError(f"prompts {empty} encode to no tokens; generation needs at least "
@@ -58,7 +60,7 @@ class TransformersPolicy:
         mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
         return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device))
 
-    def tokenize_pairs(self, prompts: Sequence[str], completions: Sequence[str], max_length: int,
+    def tokenize_pairs(self, prompts: Sequence[Any], completions: Sequence[str], max_length: int,
                        add_eos: bool = True) -> dict[str, torch.Tensor]:
         """:func:`rlhfkit.encode_pairs` as ``[B, L]`` tensors on the model's device."""
         encoded = encode_pairs(self.tokenizer, prompts, completions, max_length, add_eos)
@@ -108,7 +110,7 @@ class TransformersPolicy:
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
         return response_ids, response_mask
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
+    def generate(self, prompts: Sequence[Any], *, max_new_tokens: int, do_sample: bool,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
         """Sample one response per prompt and return its text (special tokens dropped)."""
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts)

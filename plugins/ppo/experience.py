@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import NonFiniteError, Rollout, masked_whiten
+from rlhfkit import NonFiniteError, Rollout, masked_whiten, score_rows
 from rlhfkit.plugins.ppo import schedule
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards
 from rlhfkit.plugins.ppo.monitor import guardrail_warnings, rollout_metrics
@@ -18,7 +18,7 @@ from rlhfkit.plugins.ppo.rollout import concat, gather, response_logprobs
 
 
 @torch.no_grad()
-def sample(module: Any, prompts: list[str], seed: int, greedy: bool = False) -> Rollout:
+def sample(module: Any, prompts: list[Any], seed: int, greedy: bool = False) -> Rollout:
     """Responses to ``prompts`` (seeded), with the policy's and the reference's log-probs."""
     sampling = module.config.sampling
     torch.manual_seed(seed)
@@ -56,7 +56,7 @@ def greedy_scores(module: Any, rollout: Rollout) -> torch.Tensor:
         prompts = rollout.prompts[start:start + module.config.generation_batch_size]
         parts.append(sample(module, prompts, seed=module.seed, greedy=True).responses)
     responses = [r for part in parts for r in part]
-    return module.reward.score(rollout.prompts, responses).to(module.device).float()
+    return score_rows(module.reward, rollout.prompts, responses, rollout.fields).to(module.device).float()
 
 
 def make_experience(module: Any, iteration: int) -> Rollout:
@@ -76,13 +76,15 @@ def make_experience(module: Any, iteration: int) -> Rollout:
         first = rank * share + start
         texts = [module.prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
         chunk = sample(module, texts, seed=module.seed * 7919 + iteration * 104_729 + first)
+        chunk.fields = [module.prompt_fields[i] for i in indices for _ in range(c.samples_per_prompt)]
         chunk.group = torch.tensor([rank * share + start + j for j in range(len(indices))
                                     for _ in range(c.samples_per_prompt)], device=module.device)
         chunks.append(chunk)
     pad = module.policy.tokenizer.pad_token_id
     rollout = concat(chunks, pad)
     with torch.no_grad():
-        rollout.scores = module.reward.score(rollout.prompts, rollout.responses).to(module.device).float()
+        rollout.scores = score_rows(module.reward, rollout.prompts, rollout.responses,
+                                    rollout.fields).to(module.device).float()
         if hasattr(module.estimator, "prepare"):
             module.estimator.prepare(rollout)
     rollout = gather(rollout, pad, module.device)

@@ -32,6 +32,7 @@ from rlhfkit import (
     masked_mean,
     masked_var,
     optimizer_step,
+    score_rows,
     write_samples,
 )
 from rlhfkit.plugins.ppo import PPOConfig, experience, schedule
@@ -40,7 +41,7 @@ from rlhfkit.plugins.ppo.monitor import DOCS
 from rlhfkit.plugins.ppo.rollout import concat, from_state, policy_forward, to_state
 
 
-def prompt_of(row: Any) -> str:
+def prompt_of(row: Any) -> Any:
     prompt = getattr(row, "prompt", None)
     if prompt is None:
         raise UserError(f"the ppo algorithm samples from prompts; a {type(row).__name__} row has none. Point "
@@ -72,9 +73,14 @@ class PPO(L.LightningModule):
         self.estimator = context.component("estimator")
         self.objective = context.component("objective")
         self.constraints = context.component("constraints") or []
-        self.prompts = [prompt_of(r) for r in context.component("data").rows()]
+        rows = context.component("data").rows()
+        self.prompts = [prompt_of(r) for r in rows]
+        #: each prompt row's other columns, passed to reward sources that read them
+        self.prompt_fields = [dict(getattr(r, "fields", None) or {}) for r in rows]
         eval_data = context.component("eval_data")
-        self.eval_prompts = [prompt_of(r) for r in eval_data.rows()][: config.eval_prompts] if eval_data else []
+        eval_rows = eval_data.rows()[: config.eval_prompts] if eval_data else []
+        self.eval_prompts = [prompt_of(r) for r in eval_rows]
+        self.eval_fields = [dict(getattr(r, "fields", None) or {}) for r in eval_rows]
         self.updates, self.iterations = schedule.plan(config, self.section, len(self.prompts))
         self.total_steps = self.iterations * self.updates
         for part in [self.estimator, *self.constraints]:
@@ -239,8 +245,10 @@ class PPO(L.LightningModule):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[str]]:
-        """Gold (and task) metrics, proxy reward, KL and length of responses to ``prompts``."""
+    def evaluate(self, prompts: list[Any], fields: list[dict[str, Any]] | None = None
+                 ) -> tuple[dict[str, float], list[str]]:
+        """Gold (and task) metrics, proxy reward, KL and length of responses to ``prompts``
+        (``fields``: each prompt row's other columns, for the reward source)."""
         self._eval_mode()
         parts = []
         for start in range(0, len(prompts), self.config.generation_batch_size):
@@ -248,7 +256,7 @@ class PPO(L.LightningModule):
             parts.append(experience.sample(self, chunk, seed=self.seed + start, greedy=self.config.eval_greedy))
         rollout = concat(parts, self.policy.tokenizer.pad_token_id)
         mask = rollout.response_mask.float()
-        metrics = {"proxy": float(self.reward.score(rollout.prompts, rollout.responses).float().mean()),
+        metrics = {"proxy": float(score_rows(self.reward, rollout.prompts, rollout.responses, fields).float().mean()),
                    "kl": float(sequence_kl(rollout.logprobs, rollout.ref_logprobs, mask).mean()),
                    "length": float(mask.sum(1).mean())}
         if self.gold is not None:
@@ -261,7 +269,7 @@ class PPO(L.LightningModule):
     def _evaluate(self, key: str) -> None:
         if not self.eval_prompts:
             return
-        metrics, _ = self.evaluate(self.eval_prompts)
+        metrics, _ = self.evaluate(self.eval_prompts, self.eval_fields)
         self.history[key] = metrics
         log_now(self, {f"eval/{name}": value for name, value in metrics.items()})
 
@@ -272,10 +280,12 @@ class PPO(L.LightningModule):
             self._evaluate("eval")
 
     def _samples(self, when: str) -> None:
-        prompts = (self.eval_prompts or self.prompts)[: self.config.sample_prompts]
+        prompts, fields = (self.eval_prompts, self.eval_fields) if self.eval_prompts else (self.prompts,
+                                                                                            self.prompt_fields)
+        prompts, fields = prompts[: self.config.sample_prompts], fields[: self.config.sample_prompts]
         if not prompts or not self.trainer.is_global_zero:
             return
-        _, responses = self.evaluate(prompts)
+        _, responses = self.evaluate(prompts, fields)
         rows = [{"when": when, "prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
         write_samples(self.stage_dir / "samples.jsonl", when, rows)
 

@@ -75,6 +75,8 @@ class PythonRewardConfig(BaseModel):
                     "NAME(prompts=[...], completions=[...]) -> one float per completion. The file is "
                     "your own code and runs as it is")
     batch_size: int = Field(256, ge=1, description="completions per call")
+    weight: float = Field(1.0, allow_inf_nan=False,
+                          description="multiplies every score (to mix with other rewards, use composite)")
 
 
 def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any:
@@ -83,7 +85,7 @@ def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any
     path, name = resolve(config.function, context.recipe_dir if context is not None else Path.cwd())
     function = load_function(path, name)
     print(f"reward 'python': {name} from {path} (the recipe's own code, run as it is)", flush=True)
-    return PythonReward(function, path, name, config.batch_size)
+    return PythonReward(function, path, name, config.batch_size, config.weight)
 
 
 @hookimpl

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from rlhfkit import score_rows
+
 TOTAL = "total"
 
 
@@ -21,11 +23,13 @@ class CompositeReward:
     def __init__(self, terms: list[tuple[str, float, Any]]):
         self.terms = terms
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """``[B]`` float scores: the weighted sum."""
-        return self.score_terms(prompts, responses)[TOTAL]
+    def score(self, prompts: Sequence[Any], responses: Sequence[str],
+              fields: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """``[B]`` float scores: the weighted sum (``fields`` go to the terms that read them)."""
+        return self.score_terms(prompts, responses, fields)[TOTAL]
 
-    def score_terms(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+    def score_terms(self, prompts: Sequence[Any], responses: Sequence[str],
+                    fields: Sequence[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
         """Each term's unweighted ``[B]`` score by key, and the weighted sum as ``"total"``.
 
         A nested composite's own terms appear under its key (``"1:composite/0:gold"``).
@@ -38,9 +42,9 @@ class CompositeReward:
         total: torch.Tensor | None = None
         for key, weight, reward in self.terms:
             if isinstance(reward, CompositeReward):
-                parts = reward.score_terms(prompts, responses)
+                parts = reward.score_terms(prompts, responses, fields)
             else:
-                parts = {TOTAL: reward.score(prompts, responses)}
+                parts = {TOTAL: score_rows(reward, prompts, responses, fields)}
             term = parts.pop(TOTAL)
             if term.shape != (len(prompts),):
                 raise ValueError(f"reward 'composite': term {key} returned scores of shape "

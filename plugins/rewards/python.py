@@ -1,6 +1,9 @@
 """The ``python`` reward: a function in a Python file the recipe names, called the way
-TRL calls its reward functions (keyword arguments ``prompts`` and ``completions``, a
-list of floats back), so an existing one drops in.
+TRL calls its reward functions, so an existing one drops in: keyword arguments
+``prompts`` and ``completions`` (for a conversational prompt, a list of messages, and
+its completion as ``[{"role": "assistant", "content": ...}]``), and every other column
+of the prompt rows as a keyword holding one value per completion (``answer=[...]``), as
+far as the function's signature takes them; a list of floats back.
 
 The file is the user's own code: it runs as it is, with the user's permissions, exactly
 as a script they run themselves would. rlhfkit loads it only because the recipe names it
@@ -10,6 +13,7 @@ explicitly, and says which file it loaded.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import sys
 import traceback
@@ -64,28 +68,60 @@ def load_function(path: Path, name: str) -> Callable[..., Any]:
     return function
 
 
+def _accepted(function: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword names ``function`` takes, and whether it takes ``**kwargs``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    return ({p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
+            any(p.kind is p.VAR_KEYWORD for p in parameters))
+
+
+def trl_completion(prompt: Any, response: str) -> Any:
+    """A completion as TRL passes it: text, or one assistant message after a conversation."""
+    return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
+
+
 class PythonReward:
-    """Scores with ``function(prompts=[...], completions=[...])`` in batches of
+    """Scores with ``function(prompts=[...], completions=[...], **columns)`` in batches of
     ``batch_size``; each call returns one float per completion."""
 
-    def __init__(self, function: Callable[..., Any], path: Path, name: str, batch_size: int):
-        self.function, self.path, self.name, self.batch_size = function, path, name, batch_size
+    def __init__(self, function: Callable[..., Any], path: Path, name: str, batch_size: int, weight: float = 1.0):
+        self.function, self.path, self.name, self.batch_size, self.weight = function, path, name, batch_size, weight
+        self._names, self._any = _accepted(function)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def score(self, prompts: Sequence[Any], responses: Sequence[str],
+              fields: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """``[B]`` scores; ``fields`` (one dict per completion) become keyword columns."""
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch_prompts = list(prompts[start:start + self.batch_size])
-            batch = list(responses[start:start + self.batch_size])
+            batch_prompts = [p if isinstance(p, str) else [dict(m) for m in p]
+                             for p in prompts[start:start + self.batch_size]]
+            batch = [trl_completion(p, r) for p, r in zip(batch_prompts, responses[start:start + self.batch_size],
+                                                           strict=True)]
+            columns = self._columns(fields[start:start + self.batch_size] if fields is not None else [])
             try:
-                values = self.function(prompts=batch_prompts, completions=batch)
+                values = self.function(prompts=batch_prompts, completions=batch, **columns)
             except Exception as exc:  # noqa: BLE001 - reported with the user's file and line
-                raise UserError(f"reward 'python': {self.name} in {self.path} raised at {_where(exc, self.path)}: "
+                where = _where(exc, self.path)
+                called = ("; it was called with the keywords " + ", ".join(["prompts", "completions", *columns])
+                          + (" (the prompt rows' other columns; add **kwargs to take more)" if not self._any else "")
+                          if where == "(outside the file)" else "")
+                raise UserError(f"reward 'python': {self.name} in {self.path} raised at {where}: "
                                 f"{type(exc).__name__}: {exc} (on rows {start}-{start + len(batch) - 1} of the "
-                                f"batch; first prompt {batch_prompts[0]!r})") from None
+                                f"batch; first prompt {batch_prompts[0]!r}){called}") from None
             scores += self._checked(values, batch_prompts, start)
-        return torch.tensor(scores, dtype=torch.float32)
+        return self.weight * torch.tensor(scores, dtype=torch.float32)
 
-    def _checked(self, values: Any, prompts: list[str], start: int) -> list[float]:
+    def _columns(self, rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+        """``{column: [value per row]}`` of the columns the function takes (all with
+        ``**kwargs``); a row without the column gives ``None``."""
+        names = [n for n in dict.fromkeys(k for row in rows for k in row)
+                 if n not in ("prompts", "completions") and (self._any or n in self._names)]
+        return {n: [row.get(n) for row in rows] for n in names}
+
+    def _checked(self, values: Any, prompts: list[Any], start: int) -> list[float]:
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().reshape(-1).tolist()
         try:

@@ -29,14 +29,13 @@ from rlhfkit import (
 from rlhfkit.plugins.sft import SFTConfig
 
 
-def as_pair(row: Any, tokenizer: Any) -> PromptCompletion:
-    """A demonstration row as (prompt, completion); conversations use the chat template."""
+def as_pair(row: Any) -> PromptCompletion:
+    """A demonstration row as (prompt, completion): a conversation is its messages before
+    the last (which the chat rule renders with the template) and the last reply's text."""
     if isinstance(row, PromptCompletion):
         return row
     if isinstance(row, Conversation):
-        prompt = tokenizer.apply_chat_template(list(row.messages[:-1]), tokenize=False,
-                                               add_generation_prompt=True)
-        return PromptCompletion(prompt, row.messages[-1]["content"])
+        return PromptCompletion(tuple(row.messages[:-1]), row.messages[-1]["content"])
     raise UserError(f"the sft algorithm trains on prompt-completion, messages or text rows, "
                     f"not {type(row).__name__}; point `data:` at such a dataset.")
 
@@ -71,10 +70,9 @@ class SFT(L.LightningModule):
         self.policy = context.component("policy")
         self.model = self.policy.model
         self.model.train()  # from_pretrained returns eval mode; SFT trains with the policy's dropout
-        tokenizer = self.policy.tokenizer
-        self.train_rows = [as_pair(r, tokenizer) for r in context.component("data").rows()]
+        self.train_rows = [as_pair(r) for r in context.component("data").rows()]
         eval_data = context.component("eval_data")
-        self.eval_rows = [as_pair(r, tokenizer) for r in eval_data.rows()] if eval_data else []
+        self.eval_rows = [as_pair(r) for r in eval_data.rows()] if eval_data else []
         shown = self.eval_rows or self.train_rows
         self.sample_rows = [sample_prompt(r) for r in shown[: config.sample_prompts]]
         self.total_steps = total_steps(self.section, len(self.train_rows))
