@@ -98,6 +98,7 @@ class FileDataset:
     # ------------------------------------------------------------------ reading
 
     def _load(self) -> list[Row]:
+        self._skipped, self._problems = 0, []  # a failed read is read again from the start
         limit, rows, seen = self.config.limit, [], 0
         for file, column_of, where, record in self._records():
             seen += 1
