@@ -163,7 +163,9 @@ def load_ablation(path: str | Path, plugins: Any, seeds: int | None = None, over
         for seed in seed_list:
             seeded = copy.deepcopy(data)
             seeded.setdefault("run", {}).update({"seed": seed, "dir": str(root / f"seed-{seed}" / name),
-                                                 "name": f"{root.name}-{name}-seed{seed}"})
+                                                 "name": f"{root.name}-{name}-seed{seed}",
+                                                 "ablation": root.name, "variant": name,
+                                                 "tracker_dir": str(root)})
             try:
                 recipes[(name, seed)] = checked(seeded, base_path, plugins.registry, origins, plugins.check_recipe)
             except RecipeError as exc:
@@ -221,7 +223,8 @@ def plan(ablation: Ablation) -> list[Job]:
             first = ablation.recipes[(next(iter(ablation.spec.variants)), seed)]
             data = copy.deepcopy(first.data)
             data["stages"] = {k: v for k, v in data["stages"].items() if k in shared}
-            data["run"]["dir"] = str(seed_dir / SHARED)
+            data["run"].update({"dir": str(seed_dir / SHARED), "variant": "shared",
+                                "name": f"{ablation.root.name}-shared-seed{seed}"})
             shared_job = Job(f"seed {seed} shared ({', '.join(shared)})", recipe_dir / f"seed-{seed}-{SHARED}.yaml",
                              seed_dir / SHARED, [(s.name, stage_fingerprint(s)) for s in first.stages
                                                  if s.name in shared], data=data)

@@ -70,11 +70,14 @@ def rlhfkit_check_recipe(recipe: Recipe, registry: Registry) -> list[Problem]:
 
 
 @hookspec
-def rlhfkit_on_metrics(stage: str, step: int, metrics: dict[str, float]) -> None:
+def rlhfkit_on_metrics(stage: str, step: int, metrics: dict[str, float], identity: dict[str, Any]) -> None:
     """Observe metrics as they are logged (rank 0 only).
 
     Called 1:N each time a stage logs a row of metrics, after they were written to the
-    stage's ``metrics.csv``. Return value ignored.
+    stage's ``metrics.csv``. ``identity`` says where they come from, as trackers are told:
+    ``run``, ``stage``, ``seed``, and inside ``rlhfkit ablate`` ``ablation`` and
+    ``variant`` (else ``None``). An implementation may leave out parameters it does not
+    use. Return value ignored.
     """
 
 

@@ -28,6 +28,7 @@ from pydantic_core import core_schema
 from rlhfkit.errors import Problem, RecipeError, UserError
 from rlhfkit.files import decode_utf8, non_unicode_path
 from rlhfkit.registry import ComponentRef, Registry, Slot, error_message, ref, walk
+from rlhfkit.trackers import Tracker, TrackerList
 
 COMMAND_LINE = "command line"
 # a stage or run name becomes a folder name: no separators, no "..", no hidden folders
@@ -66,6 +67,13 @@ class RunSection(BaseModel):
     name: str = Field(description="run name; the run directory defaults to runs/<name>")
     dir: str | None = Field(None, min_length=1, description="run directory (relative to the working directory)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="base seed; rank r uses seed + 100003 * r (OpenAI detail)")
+    ablation: str | None = Field(None, max_length=200, description=(
+        "the ablation this run belongs to (rlhfkit ablate sets it); trackers group its runs under it"))
+    variant: str | None = Field(None, max_length=200, description=(
+        "the ablation variant this run is (rlhfkit ablate sets it); trackers and the metrics hook are told it"))
+    tracker_dir: str | None = Field(None, min_length=1, description=(
+        "where trackers keep local files (TensorBoard events, the MLflow file store); default: the run directory. "
+        "rlhfkit ablate sets it to the ablation's directory, so all its runs land in one store"))
 
     @field_validator("name")
     @classmethod
@@ -133,6 +141,15 @@ class TrainerSection(BaseModel):
         "metrics shown on the console lines and progress bar, in order (default: the algorithm's headline "
         "metrics)"))
     deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
+    loggers: list[Tracker] = Field(default_factory=list, description=(  # type: ignore[valid-type]
+        "experiment trackers besides metrics.csv (always written): tensorboard, wandb, mlflow, each a name or "
+        "{name: ..., settings}; needs pip install 'rlhfkit[trackers]'. See docs/trackers.md"))
+
+    @field_validator("loggers")
+    @classmethod
+    def _trackers_installed(cls, value: list[Any]) -> list[Any]:
+        TrackerList(trackers=value)
+        return value
 
     @field_validator("accelerator", "strategy", "precision")
     @classmethod
@@ -185,9 +202,18 @@ class Stage:
     raw: dict[str, Any]
 
     def fingerprint(self) -> str:
-        """Hash of the stage's settings: a finished stage is re-run only if it changed."""
-        text = json.dumps(self.raw, sort_keys=True, default=str)
+        """Hash of the stage's settings: a finished stage is re-run only if it changed.
+        What only observes the run (trackers, console columns) is left out, so adding a
+        tracker to a finished or interrupted run neither re-runs nor blocks a stage."""
+        raw = dict(self.raw)
+        if isinstance(raw.get("trainer"), dict):
+            raw["trainer"] = {k: v for k, v in raw["trainer"].items() if k not in OBSERVERS}
+        text = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: trainer settings that only observe a stage, left out of its fingerprint
+OBSERVERS = ("loggers", "console_metrics")
 
 
 @dataclass

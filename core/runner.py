@@ -46,6 +46,7 @@ from rlhfkit.rundir import (
     remove_stale_temporaries,
     verify_export,
 )
+from rlhfkit.trackers import build_trackers, close_trackers, identity
 from rlhfkit.training import (
     Finaliser,
     MetricsCSV,
@@ -237,13 +238,18 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
     if getattr(module, "evaluation_only", False):
         return run_evaluation(module, stage, stage_dir, fingerprint, console, hook)
     resume = checkpoint is not None
+    who = identity(recipe.run.name, stage.name, recipe.run.seed, recipe.run.variant, recipe.run.ablation)
     logger = MetricsCSV(stage_dir / "metrics.csv", fresh=not resume,
-                        on_row=lambda step, m: hook.rlhfkit_on_metrics(stage=stage.name, step=step, metrics=m))
+                        on_row=lambda step, m: hook.rlhfkit_on_metrics(stage=stage.name, step=step, metrics=m,
+                                                                       identity=who))
+    tracker_dir = Path(recipe.run.tracker_dir) if recipe.run.tracker_dir else None
+    trackers = build_trackers(stage.trainer.loggers, recipe.run_dir, who, tracker_dir) if rank == 0 else []
     saver = ResumableCheckpoint(
         stage_dir / "checkpoints", stage.trainer.checkpoint_every_n_steps, keep=stage.trainer.keep_checkpoints,
         on_saved=lambda step, path: hook.rlhfkit_on_checkpoint(stage=stage.name, step=step, path=path))
     finaliser = Finaliser(module.total_steps, recipe.run.seed)
-    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [saver, RNGState(), finaliser], logger)
+    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [saver, RNGState(), finaliser],
+                            [logger, *trackers])
     if rank == 0:
         verb = "resuming from " + str(checkpoint) if resume else "starting"
         console.print(f"[bold]stage {stage.name}[/] ({stage.algorithm.name}): {verb}; "
@@ -251,7 +257,38 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
                       + (f"; {module.explain()}" if hasattr(module, "explain") else ""))
     started = time.perf_counter()
     try:
-        trainer.fit(module, ckpt_path=str(checkpoint) if resume else None)
+        _fit(trainer, module, stage, stage_dir, checkpoint)
+    except BaseException:
+        close_trackers(trackers, "failed")
+        raise
+    return _finished(trainer, module, stage, stage_dir, fingerprint, started, hook, finaliser, trackers)
+
+
+def _finished(trainer: L.Trainer, module: Any, stage: Stage, stage_dir: Path, fingerprint: str, started: float,
+              hook: Any, finaliser: Finaliser, trackers: list[Any]) -> dict[str, Any]:
+    """The stage's summary once ``fit`` returned; trackers get it as ``summary/*`` and are closed."""
+    if not finaliser.finished:
+        close_trackers(trackers, "failed")
+        raise UserError(f"stage {stage.name!r} stopped at step {trainer.global_step} of {module.total_steps} "
+                        f"before it finished; re-run the same command to resume from its last checkpoint.")
+    summary: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        summary = finish_stage(module, stage, stage_dir, fingerprint, started, hook, trainer.global_step)
+        numbers = {f"summary/{k}": float(v) for k, v in summary.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        for tracker in trackers:
+            tracker.log_metrics(numbers, step=trainer.global_step)
+    close_trackers(trackers, "success")
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        summary = json.loads((stage_dir / DONE_NAME).read_text())["summary"]
+    return summary
+
+
+def _fit(trainer: L.Trainer, module: Any, stage: Stage, stage_dir: Path, checkpoint: Path | None) -> None:
+    """``trainer.fit``, with Ctrl-C and NaN/Inf turned into the user's one-line errors."""
+    try:
+        trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint is not None else None)
     except SystemExit as exc:  # Lightning turns Ctrl-C into sys.exit(1) after its own shutdown
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise Interrupted(stage.name, trainer.global_step, module.total_steps, stage_dir) from None
@@ -267,16 +304,6 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
             f"reward source), or set trainer.on_nan: skip to drop such updates, then re-run the same command to "
             f"resume. "
             f"See docs/faults.md#nan.") from None
-    if not finaliser.finished:
-        raise UserError(f"stage {stage.name!r} stopped at step {trainer.global_step} of {module.total_steps} "
-                        f"before it finished; re-run the same command to resume from its last checkpoint.")
-    summary: dict[str, Any] = {}
-    if trainer.is_global_zero:
-        summary = finish_stage(module, stage, stage_dir, fingerprint, started, hook, trainer.global_step)
-    trainer.strategy.barrier()
-    if not trainer.is_global_zero:
-        summary = json.loads((stage_dir / DONE_NAME).read_text())["summary"]
-    return summary
 
 
 class Interrupted(KeyboardInterrupt):

@@ -427,7 +427,7 @@ class MetricsProgressBar(RichProgressBar):
 
 
 def build_trainer(section: TrainerSection, stage_dir: Path, total_steps: int,
-                  callbacks: Sequence[Callback], logger: Logger) -> L.Trainer:
+                  callbacks: Sequence[Callback], logger: Logger | list[Logger]) -> L.Trainer:
     """A ``lightning.Trainer`` from the recipe's ``trainer:`` section.
 
     Algorithms use manual optimization (accumulation and gradient clipping are applied
