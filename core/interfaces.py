@@ -40,6 +40,16 @@ class Conversation:
 
     messages: tuple[dict[str, str], ...]
 
+    @property
+    def prompt(self) -> Messages:
+        """The messages before the reply: what the model answers."""
+        return tuple(self.messages[:-1])
+
+    @property
+    def completion(self) -> str:
+        """The reply's text."""
+        return self.messages[-1]["content"]
+
 
 @dataclass(frozen=True)
 class Preference:

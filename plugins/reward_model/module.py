@@ -222,8 +222,8 @@ class RewardModelTraining(L.LightningModule):
         prompts = [getattr(r, "prompt", "") for r in self.reference_rows]
         completions = [getattr(r, "completion", None) or getattr(r, "chosen", None) for r in self.reference_rows]
         if any(c is None for c in completions):
-            raise UserError("reference_data must hold prompt-completion or preference rows (their completions "
-                            "or chosen responses are scored to mean 0)")
+            raise UserError("reference_data must hold prompt-completion, messages or preference rows (their "
+                            "completions, last replies or chosen responses are scored to mean 0)")
         scores = self.scores(prompts, completions)
         std = float(scores.std()) if self.config.normalize_std and len(scores) > 1 else 1.0
         return {"mean": float(scores.mean()), "std": std}

@@ -35,7 +35,7 @@ def as_pair(row: Any) -> PromptCompletion:
     if isinstance(row, PromptCompletion):
         return row
     if isinstance(row, Conversation):
-        return PromptCompletion(tuple(row.messages[:-1]), row.messages[-1]["content"])
+        return PromptCompletion(row.prompt, row.completion)
     raise UserError(f"the sft algorithm trains on prompt-completion, messages or text rows, "
                     f"not {type(row).__name__}; point `data:` at such a dataset.")
 
