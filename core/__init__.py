@@ -35,7 +35,17 @@ from rlhfkit.interfaces import (
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
 from rlhfkit.recipe import OptimizerSettings, Recipe, SamplingSettings, StageRef, TrainerSection, load_recipe
-from rlhfkit.registry import KINDS, ComponentRef, ComponentSpec, Registry, Slot, lazy, ref
+from rlhfkit.registry import (
+    CAPABILITIES,
+    KINDS,
+    ComponentRef,
+    ComponentSpec,
+    Registry,
+    Slot,
+    lazy,
+    provides,
+    ref,
+)
 from rlhfkit.tokens import (
     CHAT_MODES,
     chat_mode,
@@ -75,6 +85,7 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAPABILITIES",
     "CHAT_MODES",
     "KINDS",
     "Advantages",
@@ -149,6 +160,7 @@ __all__ = [
     "optimizer_step",
     "positions_from_mask",
     "prompt_display",
+    "provides",
     "rank_seed",
     "ref",
     "render_prompt",

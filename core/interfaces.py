@@ -343,25 +343,23 @@ def _takes_fields(function: Any) -> bool:
 class Estimator(Protocol):
     """Turns a scored rollout into advantages (and returns).
 
-    An estimator that owns a critic (``gae``) sets ``critic`` to the ``nn.Module`` the
-    algorithm trains alongside the policy (with its ``optimizer`` settings, an
-    :class:`rlhfkit.OptimizerSettings`), fills
-    ``rollout.values`` in ``prepare`` and returns its loss from ``critic_loss``;
-    critic-free estimators set ``critic = None`` and return ``None`` there. Optional
-    methods (called when present): ``bind(algorithm)`` once before training, with the
-    algorithm's documented attributes (docs/ppo-details.md); ``state_dict`` /
-    ``load_state_dict`` for state beyond the critic's weights.
+    Required: ``critic`` (``None`` for critic-free estimators) and ``estimate``. Optional
+    capabilities, called only when the component declares them in
+    ``ComponentSpec.provides`` (see :data:`rlhfkit.CAPABILITIES`):
+
+    - ``prepare(rollout)``: fill what ``estimate`` needs from models (no grad), e.g.
+      ``rollout.values`` or a greedy baseline in ``rollout.extras``;
+    - ``critic_loss(minibatch) -> LossTerm``: the value loss, for an estimator that owns a
+      critic (``gae``): ``critic`` is then the ``nn.Module`` the algorithm trains alongside
+      the policy, with its ``optimizer`` settings (an :class:`rlhfkit.OptimizerSettings`);
+    - ``bind(algorithm)``: once before training, with the algorithm's documented
+      attributes (docs/ppo-details.md);
+    - ``state_dict()`` / ``load_state_dict(state)``: state beyond the critic's weights.
     """
 
     critic: torch.nn.Module | None
 
-    def prepare(self, rollout: Rollout) -> None:
-        """Fill what ``estimate`` needs from models (no grad), e.g. ``rollout.values``."""
-        ...
-
     def estimate(self, rollout: Rollout) -> Advantages: ...
-
-    def critic_loss(self, minibatch: Rollout) -> LossTerm | None: ...
 
 
 @dataclass
@@ -388,8 +386,10 @@ class PolicyOutput:
 class Constraint(Protocol):
     """Shapes rewards, adds a loss term and/or updates state after an iteration.
 
-    Every method is optional: the algorithm calls those a constraint has, in recipe
-    order. ``bind(algorithm)`` comes first, once (the policy, reference model, tokenizer
+    Every method is optional: the algorithm calls those the constraint declares in
+    ``ComponentSpec.provides`` (at least one of ``shape_rewards``, ``loss``,
+    ``after_update``), in recipe order; a slot that never calls a declared one (DPO calls
+    only ``after_update``) refuses the constraint at validation. ``bind(algorithm)`` comes first, once (the policy, reference model, tokenizer
     and device it may use are listed in docs/ppo-details.md); ``state_dict`` /
     ``load_state_dict`` make its state (running moments, a KL coefficient) part of the
     resumable checkpoint. ``needs_entropy = True`` asks for an entropy with grad.

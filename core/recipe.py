@@ -27,7 +27,7 @@ from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
 from rlhfkit.files import decode_utf8, non_unicode_path
-from rlhfkit.registry import ComponentRef, Registry, Slot, error_message, ref, walk
+from rlhfkit.registry import DOES, ComponentRef, Registry, Slot, error_message, ref, walk
 from rlhfkit.trackers import Tracker, TrackerList
 
 COMMAND_LINE = "command line"
@@ -753,6 +753,14 @@ def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str
                 fits = [spec.name for spec in registry.specs(slot.kind) if not spec.tags or slot.tag in spec.tags]
                 add(where, f"{slot.kind} {reference.name!r} is a {' / '.join(sorted(tags))}, but slot "
                            f"{slot_name!r} takes a {slot.tag}", f"one of: {', '.join(fits) or 'none installed'}")
+        if registry.has(slot.kind, reference.name):
+            ignored = slot.ignored(registry.get(slot.kind, reference.name))
+            if ignored:
+                fits = [spec.name for spec in registry.specs(slot.kind) if not slot.ignored(spec)]
+                does = " and ".join(DOES.get(name, f"has {name}()") for name in sorted(ignored))
+                add(where, f"{slot.kind} {reference.name!r} {does}, which this stage's algorithm never calls on "
+                           f"its {slot_name!r}: it would be silently ignored",
+                    f"{slot_name!r} takes: {', '.join(fits) or 'none installed'}")
         built.append(reference)
     return built if slot.many else (built[0] if built else None)
 

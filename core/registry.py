@@ -7,8 +7,11 @@ components and nothing else (no import paths).
 
 from __future__ import annotations
 
+import difflib
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
@@ -29,11 +32,35 @@ KINDS: tuple[str, ...] = (
 )
 
 
+#: What an algorithm may call on a component of each kind: the methods every component
+#: of the kind has, and the optional capabilities a component declares it implements
+#: (``ComponentSpec.provides``). A slot says which optional ones its algorithm calls
+#: (``Slot.uses``); the signatures are in ``rlhfkit.interfaces`` and docs/writing-a-plugin.md.
+CAPABILITIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "estimator": (frozenset({"estimate"}),
+                  frozenset({"prepare", "critic_loss", "bind", "state_dict", "load_state_dict"})),
+    "constraint": (frozenset(),
+                   frozenset({"shape_rewards", "loss", "after_update", "bind", "state_dict", "load_state_dict"})),
+    "reward": (frozenset({"score"}), frozenset({"to", "evaluate", "score_terms"})),
+    "objective": (frozenset({"__call__"}), frozenset()),
+}
+#: Capabilities that change no result on their own: a slot that does not call them loses nothing.
+NEUTRAL = frozenset({"bind", "state_dict", "load_state_dict", "to", "score_terms"})
+#: What each capability does, in the words of an error message.
+DOES = {"shape_rewards": "shapes rewards (shape_rewards)", "loss": "adds a loss term (loss)",
+        "after_update": "acts after each update (after_update)", "prepare": "prepares rollouts (prepare)",
+        "critic_loss": "trains a critic (critic_loss)", "evaluate": "evaluates responses (evaluate)"}
+
+
 @dataclass(frozen=True)
 class Slot:
     """A component slot of an algorithm: which kind goes in it and whether it is required.
 
     ``many=True`` slots take a list of components applied in recipe order (constraints).
+    ``uses``: the optional capabilities (:data:`CAPABILITIES`) the algorithm calls on
+    the components in this slot; ``None``: all of its kind's. A component that provides
+    one the slot does not call (a reward-shaping constraint in a DPO stage) is a recipe
+    error rather than silently ignored.
     """
 
     kind: str
@@ -44,6 +71,13 @@ class Slot:
     # objective slot of the dpo algorithm takes "preference-loss" objectives); components
     # without tags are not checked
     tag: str = ""
+    uses: frozenset[str] | None = None
+
+    def ignored(self, spec: ComponentSpec) -> frozenset[str]:
+        """The capabilities of ``spec`` this slot's algorithm would never call."""
+        if self.uses is None:
+            return frozenset()
+        return frozenset(spec.capabilities() - self.uses - NEUTRAL - CAPABILITIES.get(spec.kind, (frozenset(),))[0])
 
 
 @dataclass(frozen=True)
@@ -62,6 +96,12 @@ class ComponentSpec:
         slots: for algorithms only, the component slots a stage of it fills.
         tags: what the component is for within its kind; a slot with a ``tag`` takes
             only components that carry it (or declare no tags at all).
+        provides: the optional capabilities of its kind it implements (:data:`CAPABILITIES`:
+            a constraint's ``shape_rewards``, ``loss``, ``after_update``...). Checked when
+            the plugin loads (a name that is not a capability is refused, with the nearest
+            one) and when the component is built (the object has each, and no
+            undeclared capability method). Algorithms call exactly these
+            (:func:`provides`), never what an object merely happens to have.
     """
 
     kind: str
@@ -72,6 +112,7 @@ class ComponentSpec:
     slots: dict[str, Slot] = field(default_factory=dict)
     # what the component is for, within its kind (e.g. "preference-loss"); see Slot.tag
     tags: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
     # Filled in by the registry: which plugin (and distribution) contributed the spec.
     plugin: str = ""
     distribution: str = ""
@@ -80,6 +121,95 @@ class ComponentSpec:
         return f"plugin {self.plugin!r}" + (
             f" (distribution {self.distribution})" if self.distribution else ""
         )
+
+    def capabilities(self) -> frozenset[str]:
+        """Required methods of its kind and the optional ones it provides."""
+        return CAPABILITIES.get(self.kind, (frozenset(), frozenset()))[0] | frozenset(self.provides)
+
+    def contract_problem(self) -> str:
+        """Why the declaration breaks its kind's contract ('' when it does not)."""
+        if self.kind not in CAPABILITIES:
+            return "" if not self.provides else f"declares provides= but {self.kind} components have no optional capabilities"
+        optional = CAPABILITIES[self.kind][1]
+        for name in sorted(set(self.provides) - optional):
+            near = difflib.get_close_matches(name, sorted(optional), n=1)
+            return (f"declares provides={{{name!r}}}, which is not a capability of a {self.kind}"
+                    + (f" (did you mean {near[0]!r}?)" if near else "")
+                    + f"; {self.kind} capabilities: {', '.join(sorted(optional)) or 'none'}")
+        if self.kind == "constraint" and not set(self.provides) & {"shape_rewards", "loss", "after_update"}:
+            return ("declares none of shape_rewards, loss, after_update, so it would do nothing; declare what it "
+                    "implements with provides=frozenset({...})")
+        return ""
+
+
+def object_problem(spec: ComponentSpec, component: Any) -> str:
+    """Why a built ``component`` does not match its spec's declaration ('' when it does):
+    a required or declared method missing, a capability method it has but does not
+    declare, or a method whose name is a near miss of a capability (a misspelling)."""
+    if spec.kind not in CAPABILITIES:
+        return ""
+    cls = type(component)
+    defined = {n for n in dir(cls) if (not n.startswith("_") or n == "__call__") and callable(getattr(cls, n, None))}
+    return methods_problem(spec, defined, complete=True)
+
+
+def methods_problem(spec: ComponentSpec, defined: set[str], complete: bool) -> str:
+    """:func:`object_problem` on the method names a class defines; with ``complete=False``
+    (some base classes unknown) a method that seems missing may be inherited: not checked."""
+    required, optional = CAPABILITIES[spec.kind]
+    for name in sorted(required | set(spec.provides)):
+        if complete and name not in defined:
+            return f"has no method {name}(), which it {'must have' if name in required else 'declares'}"
+    for name in sorted((defined & optional) - set(spec.provides)):
+        return (f"defines {name}() without declaring it, so algorithms would never call it; add it to "
+                f"provides=, or rename the method")
+    for name in sorted(defined - optional - required):
+        near = difflib.get_close_matches(name, sorted(optional | required), n=1, cutoff=0.85)
+        if near:
+            return f"defines {name}(), a near miss of the capability {near[0]!r}: rename it (and declare it)"
+    return ""
+
+
+def static_methods(target: str) -> tuple[set[str], bool] | None:
+    """The method names the class ``"package.module:Class"`` defines, read from its source
+    without importing it (so loading plugins imports no torch), with those of its bases in
+    the same module; and whether every base was found (else some may be inherited).
+    ``None`` when the source cannot be read."""
+    import ast
+    import importlib.util
+
+    module, _, name = target.partition(":")
+    if not name or "." in name:
+        return None
+    try:
+        found = importlib.util.find_spec(module)
+        origin = found.origin if found is not None else None
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8")) if origin and origin.endswith(".py") else None
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    if tree is None:
+        return None
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    names: set[str] = set()
+    complete = True
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        node = classes.get(current)
+        if node is None:
+            complete = False
+            continue
+        names |= {item.name for item in node.body if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                  and (not item.name.startswith("_") or item.name == "__call__")}
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id != "object":
+                todo.append(base.id)
+            elif not isinstance(base, ast.Name):
+                complete = False
+    return names, complete
 
 
 class Registry:
@@ -102,6 +232,14 @@ class Registry:
                     f"{spec.where()}: slot {slot_name!r} of algorithm {spec.name!r} has "
                     f"unknown kind {slot.kind!r}; the kinds are: {', '.join(KINDS)}."
                 )
+        problem = spec.contract_problem()
+        target = getattr(spec.factory, "target", None)
+        if not problem and spec.kind in CAPABILITIES and isinstance(target, str):
+            found = static_methods(target)  # a lazy("module:Class") factory: check the class's source
+            if found is not None:
+                problem = methods_problem(spec, *found)
+        if problem:
+            raise PluginError(f"{spec.where()}: {spec.kind} {spec.name!r} {problem}.")
         key = (spec.kind, spec.name)
         if key in self._specs:
             other = self._specs[key]
@@ -162,11 +300,43 @@ class Registry:
                 raise UserError("; ".join(f"{p}: {m}" + (f" ({h})" if h else "")
                                           for p, m, h in problems))
         spec = self.get(reference.kind, reference.name)
-        return spec.factory(reference.config, context)
+        component = spec.factory(reference.config, context)
+        problem = object_problem(spec, component)
+        if problem:
+            raise PluginError(f"{spec.where()}: {spec.kind} {spec.name!r} {problem}.")
+        _declared(component, spec)
+        return component
 
     def extend(self, specs: Iterable[ComponentSpec]) -> None:
         for spec in specs:
             self.add(spec)
+
+
+# ----------------------------------------------------------------- capabilities
+
+_PROVIDED: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _declared(component: Any, spec: ComponentSpec) -> None:
+    try:
+        _PROVIDED[component] = spec.capabilities()
+    except TypeError:  # not weak-referenceable (a function, a builtin): nothing optional to ask about
+        pass
+
+
+def provides(component: Any, capability: str) -> bool:
+    """Whether ``component`` declared ``capability`` (``ComponentSpec.provides``): what an
+    algorithm asks before calling an optional method. A component built without the
+    registry (by hand, in a test) is asked about the methods it has."""
+    if component is None:
+        return False
+    try:
+        declared = _PROVIDED.get(component)
+    except TypeError:
+        declared = None
+    if declared is not None:
+        return capability in declared
+    return callable(getattr(component, capability, None))
 
 
 # ----------------------------------------------------------------- references
@@ -232,6 +402,7 @@ def lazy(target: str) -> Any:
         return built(config, context)
 
     factory.__qualname__ = f"lazy({target})"
+    factory.target = target  # type: ignore[attr-defined]  # read by the registry's contract check
     return factory
 
 

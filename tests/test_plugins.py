@@ -169,6 +169,57 @@ def test_broken_distribution_is_named_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_misspelt_capability_is_refused_at_load_naming_the_distribution(tmp_path):
+    source = tmp_path / "rlhfkit-misspelt-plugin"
+    source.mkdir()
+    (source / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "rlhfkit-misspelt-plugin"
+        version = "0.2.0"
+        dependencies = ["rlhfkit"]
+
+        [project.entry-points.rlhfkit]
+        misspelt = "rlhfkit_misspelt_plugin"
+
+        [tool.setuptools]
+        py-modules = ["rlhfkit_misspelt_plugin", "rlhfkit_misspelt_components"]
+    """))
+    (source / "rlhfkit_misspelt_plugin.py").write_text(textwrap.dedent("""
+        from pydantic import BaseModel, ConfigDict
+        import rlhfkit
+
+        class Settings(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+
+        @rlhfkit.hookimpl
+        def rlhfkit_components():
+            return [rlhfkit.ComponentSpec("constraint", "length-penalty", Settings,
+                                          rlhfkit.lazy("rlhfkit_misspelt_components:LengthPenalty"),
+                                          "penalise long responses", provides=frozenset({"after_update"}))]
+    """))
+    (source / "rlhfkit_misspelt_components.py").write_text(textwrap.dedent("""
+        class LengthPenalty:
+            def __init__(self, config, context):
+                pass
+            def after_update(self, rollout):
+                return None
+            def shape_reward(self, rollout):
+                rollout.scores -= 0.01 * rollout.response_mask.sum(1)
+    """))
+    site = tmp_path / "site"
+    pip_install(source, site)
+    result = run(["plugins"], site=site)
+    assert result.returncode == 2
+    err = flat(result.stderr)
+    assert ("plugin 'misspelt' (distribution rlhfkit-misspelt-plugin 0.2.0): constraint 'length-penalty' defines "
+            "shape_reward(), a near miss of the capability 'shape_rewards'") in err, err
+    assert "Traceback" not in result.stderr
+
+
 # ------------------------------------- CLI basics (more in test_cli.py: schema, validate)
 
 

@@ -44,7 +44,7 @@ def registry() -> Registry:
         ComponentSpec("policy", "other-lm", PolicyConfig, lambda c, x: c, "toy policy"),
         ComponentSpec("dataset", "toy-data", DataConfig, lambda c, x: c, "toy data"),
         ComponentSpec("task", "toy", TaskConfig, lambda c, x: c, "toy task"),
-        ComponentSpec("constraint", "kl", AlgoConfig, lambda c, x: c, "toy constraint"),
+        ComponentSpec("constraint", "kl", AlgoConfig, lambda c, x: c, "toy constraint", provides=frozenset({"loss"})),
     ])
     return reg
 

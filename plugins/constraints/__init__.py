@@ -83,15 +83,19 @@ class ReferenceEMAConfig(BaseModel):
 
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
-    def spec(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
+    def spec(name: str, config: type[BaseModel], class_name: str, doc: str, *provides: str) -> ComponentSpec:
         return ComponentSpec(kind="constraint", name=name, config=config, factory=lazy(f"rlhfkit.plugins.constraints.components:{class_name}"),
-                             doc=doc)
+                             doc=doc, provides=frozenset(provides))
 
+    state = ("state_dict", "load_state_dict")
     return [
-        spec("kl", KLConfig, "KLPenalty", "KL to the reference in the reward or the loss; fixed or adaptive beta"),
-        spec("reward-norm", RewardNormConfig, "RewardNorm", "reward scaling, or normalise + clip, on running moments"),
-        spec("missing-eos", MissingEOSConfig, "MissingEOS", "penalise responses that end without EOS"),
-        spec("entropy", EntropyConfig, "EntropyBonus", "entropy bonus (or pull towards a target entropy)"),
-        spec("ptx", PtxConfig, "PretrainMix", "pretraining-loss mixing with its own data (PPO-ptx)"),
-        spec("reference-ema", ReferenceEMAConfig, "ReferenceEMA", "the reference follows the policy by EMA"),
+        spec("kl", KLConfig, "KLPenalty", "KL to the reference in the reward or the loss; fixed or adaptive beta",
+             "shape_rewards", "loss", "after_update", *state),
+        spec("reward-norm", RewardNormConfig, "RewardNorm", "reward scaling, or normalise + clip, on running moments",
+             "shape_rewards", *state),
+        spec("missing-eos", MissingEOSConfig, "MissingEOS", "penalise responses that end without EOS", "shape_rewards"),
+        spec("entropy", EntropyConfig, "EntropyBonus", "entropy bonus (or pull towards a target entropy)", "loss"),
+        spec("ptx", PtxConfig, "PretrainMix", "pretraining-loss mixing with its own data (PPO-ptx)", "bind", "loss"),
+        spec("reference-ema", ReferenceEMAConfig, "ReferenceEMA", "the reference follows the policy by EMA",
+             "bind", "after_update", *state),
     ]

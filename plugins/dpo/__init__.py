@@ -53,7 +53,7 @@ SLOTS = {
     "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
                                 "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
-    "constraints": Slot("constraint", required=False, many=True,
+    "constraints": Slot("constraint", required=False, many=True, uses=frozenset({"after_update"}),
                         doc="after each optimizer step, e.g. TR-DPO's reference sync {name: reference-ema, rate: "
                             "0.6, every: 512}"),
     "eval_data": Slot("dataset", required=False, doc="held-out pairs or unpaired rows: how well the implicit "

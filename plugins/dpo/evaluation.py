@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import Feedback, PreferenceBatch
+from rlhfkit import Feedback, PreferenceBatch, provides
 from rlhfkit.files import write_samples as write_rows
 from rlhfkit.plugins.dpo import unpaired
 from rlhfkit.plugins.dpo.logps import sequence_logps
@@ -46,7 +46,7 @@ def evaluate(module: Any) -> dict[str, float]:
     if module.eval_prompts and module.gold is not None:
         responses = answers(module, module.eval_prompts)
         metrics["gold"] = float(module.gold.score(module.eval_prompts, responses).mean())
-        if hasattr(module.gold, "evaluate"):
+        if provides(module.gold, "evaluate"):
             task = module.gold.evaluate(module.eval_prompts, responses)
             metrics.update({f"task/{k}": v for k, v in task.items() if k != "gold"})
     return metrics

@@ -26,6 +26,7 @@ from rlhfkit import (
     log_now,
     log_step,
     optimizer_step,
+    provides,
     score_rows,
     step_loader,
     total_steps,
@@ -88,7 +89,7 @@ class DirectPreference(L.LightningModule):
             # a reference that changes is state: a submodule is checkpointed and moved with the module
             self.moving_reference = ref_model
         for constraint in self.constraints:
-            if hasattr(constraint, "bind"):
+            if provides(constraint, "bind"):
                 constraint.bind(self)
         self.reward = context.component("reward")
         if config.online is not None:
@@ -244,7 +245,7 @@ class DirectPreference(L.LightningModule):
                                    loss=loss if isinstance(loss, torch.Tensor) else None)
         after: dict[str, float] = {}
         for constraint in self.constraints:
-            if hasattr(constraint, "after_update"):
+            if provides(constraint, "after_update"):
                 after.update(constraint.after_update(None) or {})
         if after:
             log_now(self, after)
@@ -296,9 +297,8 @@ class DirectPreference(L.LightningModule):
         step, or before finalising a stage resumed at its last step."""
         if self.reference is not None:
             self.reference.to(self.device)
-        mover = getattr(self.reward, "to", None)
-        if mover is not None:
-            mover(self.device)
+        if provides(self.reward, "to"):
+            self.reward.to(self.device)
         if not self.unpaired:
             if self.config.online is None:
                 self.encode.tokenize_all(self.rows)
@@ -332,14 +332,15 @@ class DirectPreference(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dpo"] = {"history": json.dumps(self.history), "precomputed": self.precomputed,
                              "precomputed_eval": self.precomputed_eval,
-                             "constraints": [getattr(c, "state_dict", dict)() for c in self.constraints]}
+                             "constraints": [c.state_dict() if provides(c, "state_dict") else {}
+                                             for c in self.constraints]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = json.loads(checkpoint["dpo"]["history"])
         self.precomputed = checkpoint["dpo"]["precomputed"]
         self.precomputed_eval = checkpoint["dpo"]["precomputed_eval"]
         for constraint, state in zip(self.constraints, checkpoint["dpo"]["constraints"], strict=True):
-            if hasattr(constraint, "load_state_dict") and state:
+            if provides(constraint, "load_state_dict") and state:
                 constraint.load_state_dict(state)
 
     # ---------------------------------------------------------------- output

@@ -73,19 +73,22 @@ class ReinforcePlusPlusConfig(BaseModel):
 
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
-    def estimator(name: str, config: type[BaseModel], class_name: str, doc: str) -> ComponentSpec:
+    def estimator(name: str, config: type[BaseModel], class_name: str, doc: str,
+                  provides: frozenset[str] = frozenset()) -> ComponentSpec:
         return ComponentSpec(kind="estimator", name=name, config=config, factory=lazy(f"rlhfkit.plugins.estimators.components:{class_name}"),
-                             doc=doc)
+                             doc=doc, provides=provides)
 
     return [
         estimator("reinforce", ReinforceConfig, "Reinforce",
                   "REINFORCE: A = R - b on every token, b none or the batch mean of R (no critic)"),
         estimator("rloo", RLOOConfig, "RLOO",
-                  "RLOO: A = R minus the mean R of the prompt's other samples (samples_per_prompt >= 2)"),
+                  "RLOO: A = R minus the mean R of the prompt's other samples (samples_per_prompt >= 2)",
+                  frozenset({"bind"})),
         estimator("grpo", GRPOConfig, "GRPO",
                   "GRPO: A = (R - group mean) / (group std + eps); scale: none is Dr.GRPO"),
         estimator("remax", ReMaxConfig, "ReMax",
-                  "ReMax: A = R minus the reward of the greedy response to the same prompt"),
+                  "ReMax: A = R minus the reward of the greedy response to the same prompt",
+                  frozenset({"bind", "prepare"})),
         estimator("reinforce++", ReinforcePlusPlusConfig, "ReinforcePlusPlus",
                   "REINFORCE++: reward-to-go whitened over the batch; baseline: group-mean subtracts the group mean"),
     ]

@@ -36,15 +36,10 @@ GREEDY_SCORE = "greedy_score"  # the rollout.extras key of ReMax's baseline
 
 
 class CriticFree:
-    """What every estimator here shares: no critic, nothing to prepare, no value loss."""
+    """What every estimator here shares: no critic (so no value loss); the advantages
+    come from the rewards alone."""
 
     critic = None
-
-    def prepare(self, rollout: Rollout) -> None:
-        """Nothing to fill: the advantages come from the rewards alone."""
-
-    def critic_loss(self, minibatch: Rollout) -> None:
-        return None
 
 
 class Reinforce(CriticFree):

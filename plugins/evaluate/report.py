@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import StageContext, UserError, logprobs_from_logits, prompt_display, score_rows
+from rlhfkit import StageContext, UserError, logprobs_from_logits, prompt_display, provides, score_rows
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugins.evaluate import EvaluateConfig
 from rlhfkit.plugins.ppo.rollout import response_logits
@@ -87,9 +87,8 @@ class Evaluate:
         for policy in [*self.models, self.reference]:
             if policy is not None:
                 policy.model.to(self.device).eval()
-        mover = getattr(self.reward, "to", None)
-        if mover is not None:
-            mover(self.device)
+        if provides(self.reward, "to"):
+            self.reward.to(self.device)
         shown = self.prompts[: self.config.samples]
         answers: dict[str, list[str]] = {}
         scores: dict[str, dict[str, torch.Tensor]] = {}  # model -> {gold|proxy: [prompts] scores}

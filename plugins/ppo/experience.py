@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import NonFiniteError, Rollout, masked_whiten, score_rows
+from rlhfkit import NonFiniteError, Rollout, masked_whiten, provides, score_rows
 from rlhfkit.plugins.ppo import schedule
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards
 from rlhfkit.plugins.ppo.monitor import guardrail_warnings, rollout_metrics
@@ -85,7 +85,7 @@ def make_experience(module: Any, iteration: int) -> Rollout:
     with torch.no_grad():
         rollout.scores = score_rows(module.reward, rollout.prompts, rollout.responses,
                                     rollout.fields).to(module.device).float()
-        if hasattr(module.estimator, "prepare"):
+        if provides(module.estimator, "prepare"):
             module.estimator.prepare(rollout)
     rollout = gather(rollout, pad, module.device)
     module._clock["rollout"] += time.perf_counter() - started
@@ -117,7 +117,7 @@ def shape(module: Any, rollout: Rollout, iteration: int) -> Rollout:
     mask = rollout.response_mask.float()
     rollout.rewards = torch.zeros_like(rollout.logprobs)
     for constraint in module.constraints:
-        if hasattr(constraint, "shape_rewards"):
+        if provides(constraint, "shape_rewards"):
             metrics.update(constraint.shape_rewards(rollout) or {})
     rollout.rewards = rollout.rewards + score_to_token_rewards(rollout.scores, mask, module.config.score_position)
     if module.config.score_position == "after-eos":

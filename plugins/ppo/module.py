@@ -32,6 +32,7 @@ from rlhfkit import (
     masked_mean,
     masked_var,
     optimizer_step,
+    provides,
     score_rows,
     write_samples,
 )
@@ -84,7 +85,7 @@ class PPO(L.LightningModule):
         self.updates, self.iterations = schedule.plan(config, self.section, len(self.prompts))
         self.total_steps = self.iterations * self.updates
         for part in [self.estimator, *self.constraints]:
-            if hasattr(part, "bind"):
+            if provides(part, "bind"):
                 part.bind(self)
         self.critic = self.estimator.critic  # a submodule: trained, checkpointed, moved with the module
         self.critic_warmup = getattr(self.estimator, "warmup_iterations", 0)  # critic-only first iterations
@@ -188,7 +189,7 @@ class PPO(L.LightningModule):
         if last and not self.skip_iteration:
             after = {}
             for constraint in self.constraints:
-                if hasattr(constraint, "after_update"):
+                if provides(constraint, "after_update"):
                     after.update(constraint.after_update(self.experience) or {})
             if after:
                 log_now(self, after)
@@ -203,7 +204,7 @@ class PPO(L.LightningModule):
                               self.config.sampling.max_new_tokens)
         policy_terms = [self.objective(piece, output)]
         for constraint in self.constraints:
-            if hasattr(constraint, "loss"):
+            if provides(constraint, "loss"):
                 term = constraint.loss(piece, output)
                 if term is not None:
                     policy_terms.append(term)
@@ -212,7 +213,7 @@ class PPO(L.LightningModule):
                                      {k: v for t in policy_terms for k, v in t.metrics.items()})]
         policy_terms[0].metrics["policy/entropy"] = masked_mean(entropy.detach(), output.mask)
         terms += policy_terms
-        if self.critic is not None:
+        if self.critic is not None and provides(self.estimator, "critic_loss"):
             terms.append(self.estimator.critic_loss(piece))
         return terms
 
@@ -261,7 +262,7 @@ class PPO(L.LightningModule):
                    "length": float(mask.sum(1).mean())}
         if self.gold is not None:
             metrics["gold"] = float(self.gold.score(rollout.prompts, rollout.responses).mean())
-            if hasattr(self.gold, "evaluate"):
+            if provides(self.gold, "evaluate"):
                 task = self.gold.evaluate(rollout.prompts, rollout.responses)
                 metrics.update({f"task/{k}": v for k, v in task.items() if k != "gold"})
         return metrics, rollout.responses
@@ -290,18 +291,16 @@ class PPO(L.LightningModule):
         write_samples(self.stage_dir / "samples.jsonl", when, rows)
 
     def on_train_start(self) -> None:
-        mover = getattr(self.reward, "to", None)
-        if mover is not None:
-            mover(self.device)
+        if provides(self.reward, "to"):
+            self.reward.to(self.device)
         if self.global_step == 0:
             self._evaluate("eval_before")
             self._samples("before")
 
     def finalize(self) -> None:
         """After the last step (again after a resume at it): final evaluation and samples."""
-        mover = getattr(self.reward, "to", None)
-        if mover is not None:
-            mover(self.device)
+        if provides(self.reward, "to"):
+            self.reward.to(self.device)
         self._evaluate("eval_after")
         self._samples("after")
 
@@ -312,7 +311,7 @@ class PPO(L.LightningModule):
             "rollout_log": dict(getattr(self, "_rollout_log", {})),
             "skip_iteration": self.skip_iteration,
             "history": json.dumps(self.history),
-            "parts": [getattr(p, "state_dict", dict)() for p in [self.estimator, *self.constraints]],
+            "parts": [p.state_dict() if provides(p, "state_dict") else {} for p in [self.estimator, *self.constraints]],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -322,7 +321,7 @@ class PPO(L.LightningModule):
         self.skip_iteration = state["skip_iteration"]
         self.history = json.loads(state["history"])
         for part, part_state in zip([self.estimator, *self.constraints], state["parts"], strict=True):
-            if hasattr(part, "load_state_dict") and part_state:
+            if provides(part, "load_state_dict") and part_state:
                 part.load_state_dict(part_state)
 
     # ---------------------------------------------------------------- output

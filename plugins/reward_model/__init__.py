@@ -57,7 +57,8 @@ def rlhfkit_components() -> list[ComponentSpec]:
         ComponentSpec(kind="algorithm", name="reward-model", config=RewardModelConfig, factory=lazy("rlhfkit.plugins.reward_model.module:RewardModelTraining"),
                       slots=SLOTS, doc="train a scalar reward model on preferences or rankings (InstructGPT step 2)"),
         ComponentSpec(kind="reward", name="reward-model", config=RewardModelSourceConfig, factory=lazy("rlhfkit.plugins.reward_model.scoring:RewardModelSource.load"),
-                      doc="scores from a trained reward model (an exported directory or an earlier stage)"),
+                      doc="scores from a trained reward model (an exported directory or an earlier stage)",
+                      provides=frozenset({"to"})),
     ]
 
 

@@ -92,7 +92,8 @@ def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any
 def rlhfkit_components() -> list[ComponentSpec]:
     return [
         ComponentSpec(kind="reward", name="composite", config=CompositeConfig, factory=make_composite,
-                      doc="weighted sum of reward sources (any kind, nested composites too)"),
+                      doc="weighted sum of reward sources (any kind, nested composites too)",
+                      provides=frozenset({"to", "score_terms"})),
         ComponentSpec(kind="reward", name="python", config=PythonRewardConfig, factory=make_python,
                       doc="a reward function in a Python file the recipe names (TRL's reward-function shape)"),
     ]

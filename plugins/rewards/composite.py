@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import score_rows
+from rlhfkit import provides, score_rows
 
 TOTAL = "total"
 
@@ -22,6 +22,13 @@ class CompositeReward:
 
     def __init__(self, terms: list[tuple[str, float, Any]]):
         self.terms = terms
+
+    def to(self, device: Any) -> CompositeReward:
+        """Move the terms that hold models (a reward model) to ``device``."""
+        for _, _, reward in self.terms:
+            if provides(reward, "to"):
+                reward.to(device)
+        return self
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str],
               fields: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:

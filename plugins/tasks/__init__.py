@@ -171,5 +171,6 @@ def rlhfkit_components() -> list[ComponentSpec]:
             factory=make_builtin_dataset, doc="rows of a built-in task's split"),
         ComponentSpec(
             kind="reward", name="gold", config=GoldConfig, factory=make_gold,
-            doc="a task's ground-truth (gold) score, times `scale`: a rule reward"),
+            doc="a task's ground-truth (gold) score, times `scale`: a rule reward",
+            provides=frozenset({"evaluate"})),
     ]

@@ -1,0 +1,158 @@
+"""Component contracts: what an algorithm calls on the component in each slot is declared
+(ComponentSpec.provides, Slot.uses, objective tags) and checked when plugins load, when a
+recipe is validated and when a component is built; every built-in pair of slot and
+component is either valid or a validate error."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from helpers import RECIPES
+from pydantic import BaseModel, ConfigDict
+
+import rlhfkit
+from rlhfkit import PluginError, RecipeError
+
+PLUGINS = rlhfkit.load_plugins()
+REGISTRY = PLUGINS.registry
+
+# (recipe, stage, slot) -> the built-in components that fit it
+FITS = {
+    ("ppo.yaml", "ppo", "objective"): {"ppo-clip"},
+    ("ppo.yaml", "ppo", "constraints"): {"kl", "reward-norm", "missing-eos", "entropy", "ptx", "reference-ema"},
+    ("ppo.yaml", "ppo", "estimator"): {"gae", "reinforce", "rloo", "grpo", "remax", "reinforce++"},
+    ("dpo.yaml", "dpo", "objective"): {"dpo", "cdpo", "robust-dpo", "ipo", "hinge", "simpo", "orpo", "kto"},
+    ("dpo.yaml", "dpo", "constraints"): {"reference-ema"},
+    ("reward-model.yaml", "rm", "objective"): {"pairwise", "kwise", "best-of-n", "ties", "margin"},
+    ("reward-model.yaml", "rm", "regularizers"): {"lm-loss", "centering"},
+}
+SETTINGS = {"ptx": {"data": {"name": "builtin", "task": "reviews", "split": "pretrain"}}}
+CASES = [(recipe, stage, slot, spec.name) for (recipe, stage, slot) in FITS
+         for spec in REGISTRY.specs(PLUGINS.registry.get("algorithm", "ppo" if stage == "ppo" else
+                                                          "dpo" if stage == "dpo" else "reward-model")
+                                    .slots[slot].kind)]
+
+
+@pytest.mark.parametrize(("recipe", "stage", "slot", "name"), CASES, ids=[f"{c[1]}.{c[2]}={c[3]}" for c in CASES])
+def test_every_builtin_pair_is_valid_or_a_validate_error(recipe, stage, slot, name):
+    algorithm = REGISTRY.get("algorithm", {"ppo": "ppo", "dpo": "dpo", "rm": "reward-model"}[stage])
+    component = {"name": name, **SETTINGS.get(name, {})}
+    value = [component] if algorithm.slots[slot].many else component
+    override = f"stages.{stage}.{slot}={value}"
+    if name in FITS[(recipe, stage, slot)]:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+        return
+    with pytest.raises(RecipeError) as caught:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+    (problem,) = caught.value.problems  # one paragraph, for this slot
+    assert problem.path.startswith(f"stages.{stage}.{slot}") and name in problem.message
+    assert any(fit in problem.hint for fit in FITS[(recipe, stage, slot)]), problem.hint
+
+
+def test_the_table_above_covers_every_builtin_of_those_kinds():
+    for (_, stage, slot), fits in FITS.items():
+        kind = REGISTRY.get("algorithm", {"ppo": "ppo", "dpo": "dpo", "rm": "reward-model"}[stage]).slots[slot].kind
+        assert fits <= set(REGISTRY.names(kind))
+
+
+# ---------------------------------------------------------------- plugin authors' mistakes
+
+class Empty(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def load(*specs: rlhfkit.ComponentSpec) -> rlhfkit.Plugins:
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(rlhfkit_components=rlhfkit.hookimpl(lambda: list(specs)))
+    blocked = sorted({ep.name for ep in __import__("importlib.metadata").metadata.entry_points(group="rlhfkit")})
+    return rlhfkit.load_plugins(block=blocked, extra=[("mine", plugin)])
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    """Write ``mine_components.py`` (importable) holding ``source``."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(source: str) -> str:
+        sys.modules.pop("mine_components", None)
+        (tmp_path / "mine_components.py").write_text(textwrap.dedent(source))
+        return "mine_components"
+    return write
+
+
+def test_a_capability_that_does_not_exist_is_refused_at_load_with_the_nearest():
+    spec = rlhfkit.ComponentSpec("constraint", "mine", Empty, lambda c, x: None, "mine",
+                                 provides=frozenset({"shape_reward"}))
+    with pytest.raises(PluginError, match=r"plugin 'mine' \(distribution registered directly\): constraint 'mine' "
+                                          r"declares provides=\{'shape_reward'\}.*did you mean 'shape_rewards'"):
+        load(spec)
+
+
+def test_a_misspelt_method_is_refused_at_load_from_the_source(module):
+    name = module("""
+        class Base:
+            def loss(self, minibatch, output):
+                return None
+
+        class Mine(Base):
+            def __init__(self, config, context):
+                pass
+
+            def shape_reward(self, rollout):   # misspelt: would never be called
+                return None
+    """)
+    spec = rlhfkit.ComponentSpec("constraint", "mine", Empty, rlhfkit.lazy(f"{name}:Mine"), "mine",
+                                 provides=frozenset({"loss"}))
+    with pytest.raises(PluginError, match=r"defines shape_reward\(\), a near miss of the capability 'shape_rewards'"):
+        load(spec)
+    assert name not in sys.modules  # checked from the source, nothing imported
+
+
+def test_a_missing_required_method_or_an_undeclared_capability_is_refused_at_load(module):
+    name = module("""
+        class NoEstimate:
+            critic = None
+            def advantages(self, rollout):
+                return None
+
+        class Undeclared:
+            critic = None
+            def estimate(self, rollout):
+                return None
+            def prepare(self, rollout):
+                return None
+    """)
+    with pytest.raises(PluginError, match=r"estimator 'mine' has no method estimate\(\), which it must have"):
+        load(rlhfkit.ComponentSpec("estimator", "mine", Empty, rlhfkit.lazy(f"{name}:NoEstimate"), "mine"))
+    with pytest.raises(PluginError, match=r"defines prepare\(\) without declaring it"):
+        load(rlhfkit.ComponentSpec("estimator", "mine", Empty, rlhfkit.lazy(f"{name}:Undeclared"), "mine"))
+
+
+def test_a_constraint_that_declares_nothing_to_do_is_refused():
+    with pytest.raises(PluginError, match="declares none of shape_rewards, loss, after_update"):
+        load(rlhfkit.ComponentSpec("constraint", "mine", Empty, lambda c, x: None, "mine"))
+
+
+def test_the_built_object_is_checked_against_its_declaration():
+    class Mine:
+        def loss(self, minibatch, output):
+            return None
+
+        def after_update(self, rollout):   # not declared: the algorithm would never call it
+            return None
+
+    plugins = load(rlhfkit.ComponentSpec("constraint", "mine", Empty, lambda c, x: Mine(), "mine",
+                                         provides=frozenset({"loss"})))
+    with pytest.raises(PluginError, match=r"defines after_update\(\) without declaring it"):
+        plugins.registry.build(rlhfkit.ref("constraint")(name="mine"), None)
+
+
+def test_algorithms_call_what_is_declared():
+    ema = REGISTRY.get("constraint", "reference-ema")
+    assert ema.capabilities() == {"bind", "after_update", "state_dict", "load_state_dict"}
+    grpo = REGISTRY.build(rlhfkit.ref("estimator")(name="grpo"), None)
+    assert not rlhfkit.provides(grpo, "prepare") and not rlhfkit.provides(grpo, "critic_loss")
+    assert rlhfkit.provides(grpo, "estimate")
