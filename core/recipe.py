@@ -27,7 +27,7 @@ from pydantic_core import core_schema
 
 from rlhfkit.errors import Problem, RecipeError, UserError
 from rlhfkit.files import decode_utf8, non_unicode_path
-from rlhfkit.registry import DOES, ComponentRef, Registry, Slot, error_message, ref, walk
+from rlhfkit.registry import DOES, PROMPTED, ROW_KINDS, ComponentRef, Registry, Slot, error_message, ref, walk
 from rlhfkit.trackers import Tracker, TrackerList
 
 COMMAND_LINE = "command line"
@@ -670,6 +670,8 @@ def validate(data: dict[str, Any], path: Path, registry: Registry,
                     kind, many = next(iter(kinds[key]))
                     _slot(registry, Slot(kind, required=False, many=many), key, value, f"{prefix}.{key}", add)
         stage = Stage(str(name), algorithm, slots, trainer, raw_stage)
+        if registry.has("algorithm", algorithm.name):
+            _rows_fit(registry, registry.get("algorithm", algorithm.name), stage, prefix, add)
         earlier = list(raw_stages)[:index]
         for dotted, value in _stage_refs(stage):
             if value not in earlier:
@@ -763,6 +765,29 @@ def _slot(registry: Registry, slot: Any, slot_name: str, value: Any, dotted: str
                     f"{slot_name!r} takes: {', '.join(fits) or 'none installed'}")
         built.append(reference)
     return built if slot.many else (built[0] if built else None)
+
+
+def _rows_fit(registry: Registry, spec: Any, stage: Stage, prefix: str, add: Any) -> None:
+    """Each dataset gives rows its slot takes (``Slot.rows`` against ``ComponentSpec.yields``)."""
+    for slot_name, slot in spec.slots.items():
+        value = stage.slots.get(slot_name)
+        if slot.kind != "dataset" or value is None:
+            continue
+        accepted = slot.accepts(stage.algorithm._config, stage.slots, registry)
+        if not accepted:
+            continue
+        for i, reference in enumerate(value if slot.many else [value]):
+            if reference._config is None or not registry.has("dataset", reference.name):
+                continue
+            yields = registry.get("dataset", reference.name).yields
+            kinds = yields(reference.config) if yields is not None else None
+            if kinds and not kinds & accepted:
+                where = f"{prefix}.{slot_name}" + (f"[{i}]" if slot.many else "")
+                takes = ("rows with a prompt (any kind but plain text)" if accepted == PROMPTED
+                         else " or ".join(ROW_KINDS[k] for k in sorted(accepted)))
+                add(where, f"dataset {reference.name!r} gives {' / '.join(ROW_KINDS[k] for k in sorted(kinds))}, "
+                           f"but the {stage.algorithm.name} algorithm's {slot_name!r} takes {takes}",
+                    f"point it at {', '.join(sorted(accepted))} rows (file: `schema:`; builtin: a split of that kind)")
 
 
 def _stage_refs(stage: Stage) -> list[tuple[str, str]]:

@@ -52,6 +52,21 @@ DOES = {"shape_rewards": "shapes rewards (shape_rewards)", "loss": "adds a loss 
         "critic_loss": "trains a critic (critic_loss)", "evaluate": "evaluates responses (evaluate)"}
 
 
+#: The kinds of rows datasets yield (the ``file`` dataset's schema names): what a data
+#: slot says it takes (``Slot.rows``) and a dataset says it gives (``ComponentSpec.yields``).
+ROW_KINDS: dict[str, str] = {
+    "prompt-completion": "demonstrations (PromptCompletion)",
+    "text": "plain text (PromptCompletion with an empty prompt)",
+    "messages": "chat conversations (Conversation)",
+    "preference": "preference pairs (Preference)",
+    "unpaired": "unpaired labelled completions (Feedback)",
+    "ranking": "K-wise rankings (Ranking)",
+    "prompt": "prompts (Prompt)",
+}
+#: Row kinds that carry a prompt to sample from (every kind but plain text).
+PROMPTED = frozenset(ROW_KINDS) - {"text"}
+
+
 @dataclass(frozen=True)
 class Slot:
     """A component slot of an algorithm: which kind goes in it and whether it is required.
@@ -72,12 +87,28 @@ class Slot:
     # without tags are not checked
     tag: str = ""
     uses: frozenset[str] | None = None
+    # dataset slots: the row kinds (ROW_KINDS) the algorithm takes here, or a function of the
+    # algorithm's validated config, the stage's slots and the registry giving them (DPO
+    # online: prompts; a pairs-only objective: no rankings)
+    rows: frozenset[str] | Callable[[Any, dict[str, Any], Registry], frozenset[str]] | None = None
+
+    def accepts(self, algorithm_config: Any, slots: dict[str, Any], registry: Registry) -> frozenset[str] | None:
+        """The row kinds this slot takes, ``None`` when it does not say (or cannot yet)."""
+        if callable(self.rows):
+            return None if algorithm_config is None else self.rows(algorithm_config, slots, registry)
+        return self.rows
 
     def ignored(self, spec: ComponentSpec) -> frozenset[str]:
         """The capabilities of ``spec`` this slot's algorithm would never call."""
         if self.uses is None:
             return frozenset()
         return frozenset(spec.capabilities() - self.uses - NEUTRAL - CAPABILITIES.get(spec.kind, (frozenset(),))[0])
+
+
+def tagged(registry: Registry, reference: Any, tag: str) -> bool:
+    """Whether the component ``reference`` names is registered with ``tag``."""
+    return (reference is not None and registry.has(reference.kind, reference.name)
+            and tag in registry.get(reference.kind, reference.name).tags)
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,8 @@ class ComponentSpec:
     # what the component is for, within its kind (e.g. "preference-loss"); see Slot.tag
     tags: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    # datasets: the row kinds (ROW_KINDS) it yields with these settings, None when unknown
+    yields: Callable[[Any], frozenset[str] | None] | None = None
     # Filled in by the registry: which plugin (and distribution) contributed the spec.
     plugin: str = ""
     distribution: str = ""

@@ -207,20 +207,21 @@ def test_a_symlink_loop_as_data_path(tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "override", "what"), [
-    ("dpo.yaml", "stages.dpo.data={name: file, path: x.jsonl, schema: ranking}", "stages.dpo.data.schema"),
-    ("dpo.yaml", "stages.dpo.eval_data={name: file, path: x.jsonl, schema: unpaired}", "stages.dpo.eval_data.schema"),
-    ("reward-model.yaml", "stages.rm.data={name: file, path: x.jsonl, schema: prompt}", "stages.rm.data.schema"),
-    ("reward-model.yaml", "stages.rm.eval_data={name: file, path: x.jsonl, schema: ranking}",
-     "stages.rm.eval_data.schema"),
+    ("dpo.yaml", "stages.dpo.data={name: file, path: x.jsonl, schema: ranking}", ("stages.dpo.data: dataset 'file' "
+     "gives K-wise rankings (Ranking), but the dpo algorithm's 'data' takes preference pairs")),
+    ("dpo.yaml", "stages.dpo.eval_data={name: file, path: x.jsonl, schema: unpaired}", "stages.dpo.eval_data:"),
+    ("reward-model.yaml", "stages.rm.data={name: file, path: x.jsonl, schema: prompt}", "stages.rm.data:"),
+    ("reward-model.yaml", "stages.rm.eval_data={name: file, path: x.jsonl, schema: ranking}", "stages.rm.eval_data:"),
+    # rankings of K > 2 for an objective that takes pairs
+    ("reward-model.yaml", "stages.rm.data.split=ranking", "the reward-model algorithm's 'data' takes preference pairs"),
 ])
-def test_data_files_a_stage_cannot_use_are_refused_by_validate(tmp_path, recipe, override, what):
+def test_data_a_stage_cannot_use_is_refused_by_validate(tmp_path, recipe, override, what):
     (tmp_path / "x.jsonl").write_text("{}\n")
     result, elapsed = _run(["validate", str(RECIPES / recipe), override], tmp_path)
-    _assert_clean_error(result, elapsed, "command line", what)
+    _assert_clean_error(result, elapsed, "command line" if "file" in override else "stages.rm.data", what)
 
 
 @pytest.mark.parametrize(("objective", "split", "what"), [
-    ("pairwise", "ranking", "takes pairs (K = 2 completions per prompt), got K = 4"),
     ("margin", "preference", "needs a margin per pair"),
 ])
 def test_an_objective_that_cannot_train_on_the_data_stops_before_the_first_step(tmp_path, exports, objective,

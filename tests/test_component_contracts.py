@@ -156,3 +156,47 @@ def test_algorithms_call_what_is_declared():
     grpo = REGISTRY.build(rlhfkit.ref("estimator")(name="grpo"), None)
     assert not rlhfkit.provides(grpo, "prepare") and not rlhfkit.provides(grpo, "critic_loss")
     assert rlhfkit.provides(grpo, "estimate")
+
+
+# ---------------------------------------------------------------- data against algorithms
+
+# a dataset of each row kind: built-in splits, and a file for chat conversations
+KIND_SOURCES = {"prompt-completion": "sft", "text": "pretrain", "preference": "preference", "unpaired": "unpaired",
+                "ranking": "ranking", "prompt": "prompts"}
+PROMPTED = {"prompt-completion", "messages", "preference", "unpaired", "ranking", "prompt"}
+DEMOS = {"prompt-completion", "text", "messages"}
+# (recipe, stage, slot) -> the row kinds it takes
+TAKES = {
+    ("sft.yaml", "sft", "data"): DEMOS, ("sft.yaml", "sft", "eval_data"): DEMOS,
+    ("reward-model.yaml", "rm", "data"): {"preference"},  # its objective, pairwise, takes pairs only
+    ("reward-objectives.yaml", "kwise", "data"): {"preference", "ranking"},
+    ("reward-model.yaml", "rm", "eval_data"): {"preference"},
+    ("reward-model.yaml", "rm", "reference_data"): {"prompt-completion", "messages", "preference"},
+    ("ppo.yaml", "ppo", "data"): PROMPTED, ("ppo.yaml", "ppo", "eval_data"): PROMPTED,
+    ("dpo.yaml", "dpo", "data"): {"preference"}, ("dpo.yaml", "dpo", "eval_data"): {"preference"},
+    ("dpo.yaml", "dpo", "eval_prompts"): PROMPTED,
+    ("kto.yaml", "kto", "data"): {"preference", "unpaired"},
+    ("online-dpo.yaml", "online-dpo", "data"): PROMPTED,
+    ("quickstart.yaml", "report", "prompts"): PROMPTED, ("quickstart.yaml", "report", "text"): DEMOS,
+    ("quickstart.yaml", "report", "pairs"): {"preference"},
+}
+DATA_CASES = [(*key, kind) for key in TAKES for kind in [*KIND_SOURCES, "messages"]]
+
+
+@pytest.mark.parametrize(("recipe", "stage", "slot", "kind"), DATA_CASES,
+                         ids=[f"{c[0].split('.')[0]}.{c[2]}={c[3]}" for c in DATA_CASES])
+def test_every_data_slot_takes_its_row_kinds_and_refuses_the_rest(tmp_path, recipe, stage, slot, kind):
+    if kind == "messages":
+        chat = tmp_path / "chat.jsonl"
+        chat.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+        dataset = f"{{name: file, path: {chat}, schema: messages}}"
+    else:
+        dataset = f"{{name: builtin, task: reviews, split: {KIND_SOURCES[kind]}}}"
+    override = f"stages.{stage}.{slot}={dataset}"
+    if kind in TAKES[(recipe, stage, slot)]:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+        return
+    with pytest.raises(RecipeError) as caught:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+    (problem,) = caught.value.problems
+    assert problem.path == f"stages.{stage}.{slot}" and "takes" in problem.message, problem

@@ -236,12 +236,13 @@ def test_ddp_matches_one_process(tmp_path, devices):
 
 
 def test_wrong_rows_and_reference_data_are_clear_errors(tmp_path):
+    # found by the recipe check, before any stage trains
     out = tmp_path / "run"
     result = cli("run", REWARD_MODEL, *TINY_RM, f"run.dir={out}", "stages.rm.data.split=sft", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "preference or ranking rows" in result.stderr and "Traceback" not in result.stderr
-    assert (out / "sft" / "export" / "config.json").is_file()  # the finished SFT stage is kept
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "stages.rm.data: dataset 'builtin' gives demonstrations (PromptCompletion)" in " ".join(result.stderr.split())
+    assert not (out / "sft").exists()
     result = cli("run", REWARD_MODEL, *TINY_RM, f"run.dir={out}", "stages.rm.trainer.max_steps=1",
                  "stages.rm.reference_data.split=prompts", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "reference_data must hold" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the reward-model algorithm's 'reference_data' takes" in " ".join(result.stderr.split())

@@ -31,5 +31,6 @@ def build(config: FileDatasetConfig, context: Any) -> FileDataset:
 def rlhfkit_components() -> list[ComponentSpec]:
     return [ComponentSpec(
         kind="dataset", name="file", config=FileDatasetConfig, factory=build,
+        yields=lambda config: frozenset({config.schema_}),
         doc="rows from local jsonl/json/parquet/csv/arrow files, validated against a "
             "schema (prompt-completion, preference, ranking, unpaired, messages, prompt, text)")]

@@ -16,11 +16,12 @@ torch code is imported when a stage is built.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Problem, SamplingSettings, Slot, hookimpl, lazy
+from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy
+from rlhfkit.registry import PROMPTED, tagged
 
 
 class DPOConfig(OptimizerSettings):
@@ -45,20 +46,28 @@ class DPOConfig(OptimizerSettings):
                           "current policy, labels them with `reward` and trains on the pairs; null: offline pairs")
 
 
+def _pairs(config: DPOConfig, slots: dict[str, Any], registry: Any) -> frozenset[str]:
+    """Offline: preference pairs, and with an objective that takes unpaired rows (kto) those too."""
+    return frozenset({"preference"} | ({"unpaired"} if tagged(registry, slots.get("objective"), "unpaired") else set()))
+
+
 SLOTS = {
     "policy": Slot("policy", doc="the model to train, e.g. {name: transformers, from_stage: sft}"),
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "objective": Slot("objective", tag="preference-loss", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
-    "data": Slot("dataset", doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
+    "data": Slot("dataset", rows=lambda config, slots, registry: PROMPTED if config.online is not None
+                 else _pairs(config, slots, registry),
+                 doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
                                 "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
     "constraints": Slot("constraint", required=False, many=True, uses=frozenset({"after_update"}),
                         doc="after each optimizer step, e.g. TR-DPO's reference sync {name: reference-ema, rate: "
                             "0.6, every: 512}"),
-    "eval_data": Slot("dataset", required=False, doc="held-out pairs or unpaired rows: how well the implicit "
+    "eval_data": Slot("dataset", required=False, rows=_pairs, doc="held-out pairs or unpaired rows: how well the implicit "
                                                      "reward separates them"),
-    "eval_prompts": Slot("dataset", required=False, doc="held-out prompts answered greedily, scored with `gold`"),
+    "eval_prompts": Slot("dataset", required=False, rows=PROMPTED,
+                         doc="held-out prompts answered greedily, scored with `gold`"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
 }
 
@@ -95,9 +104,9 @@ class ORPOConfig(BaseModel):
 
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
-    def objective(name: str, config: type[BaseModel], cls: str, doc: str) -> ComponentSpec:
+    def objective(name: str, config: type[BaseModel], cls: str, doc: str, *tags: str) -> ComponentSpec:
         return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.dpo.objectives:{cls}"),
-                             doc=doc, tags=frozenset({"preference-loss"}))
+                             doc=doc, tags=frozenset({"preference-loss", *tags}))
 
     return [
         ComponentSpec(kind="algorithm", name="dpo", config=DPOConfig, factory=lazy("rlhfkit.plugins.dpo.module:DirectPreference"),
@@ -109,26 +118,7 @@ def rlhfkit_components() -> list[ComponentSpec]:
         objective("hinge", BetaConfig, "Hinge", "SLiC hinge: relu(1 - beta * delta)"),
         objective("simpo", SimPOConfig, "SimPO", "SimPO: reference-free, length-normalised, with a margin"),
         objective("orpo", ORPOConfig, "ORPO", "ORPO: NLL of the chosen plus an odds-ratio term, reference-free"),
-        objective("kto", KTOConfig, "KTO", "KTO: prospect-theory loss on desirable and undesirable responses"),
+        # "unpaired": it also trains on unpaired Feedback rows (the data slot then takes them)
+        objective("kto", KTOConfig, "KTO", "KTO: prospect-theory loss on desirable and undesirable responses",
+                  "unpaired"),
     ]
-
-
-@hookimpl
-def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
-    """Rows a DPO stage cannot train on, found before anything runs when a data file
-    declares its schema: offline DPO needs preference pairs (KTO: or unpaired rows)."""
-    problems = []
-    for stage in recipe.stages:
-        if stage.algorithm.name != "dpo" or stage.algorithm.settings.get("online") is not None:
-            continue
-        objective = stage.slots.get("objective")
-        allowed = {"preference"} | ({"unpaired"} if objective is not None and objective.name == "kto" else set())
-        for slot in ("data", "eval_data"):
-            reference = stage.slots.get(slot)
-            schema = reference.settings.get("schema") if reference is not None and reference.name == "file" else None
-            if schema is not None and schema not in allowed:
-                problems.append(Problem(str(recipe.path), f"stages.{stage.name}.{slot}.schema",
-                                        f"a dpo stage trains on {' or '.join(sorted(allowed))} rows, not {schema}",
-                                        "point it at preference pairs (schema: preference), or, with objective "
-                                        "kto, unpaired rows (schema: unpaired)"))
-    return problems

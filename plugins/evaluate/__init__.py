@@ -16,6 +16,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhfkit import ComponentSpec, Slot, hookimpl, lazy
+from rlhfkit.registry import PROMPTED
 
 
 class EvaluateConfig(BaseModel):
@@ -39,12 +40,14 @@ SLOTS = {
     "models": Slot("policy", many=True,
                    doc="the models to compare, e.g. [{name: transformers, from_stage: sft}, "
                        "{name: transformers, from_stage: ppo}]"),
-    "prompts": Slot("dataset", doc="held-out prompts, answered greedily by every model"),
+    "prompts": Slot("dataset", rows=PROMPTED, doc="held-out prompts, answered greedily by every model"),
     "reference": Slot("policy", required=False, doc="KL is measured to this model (e.g. the SFT model)"),
     "reward": Slot("reward", required=False, doc="the proxy reward, e.g. {name: reward-model, from_stage: rm}"),
     "gold": Slot("reward", required=False, doc="the gold scorer (a built-in task's), evaluation only"),
-    "text": Slot("dataset", required=False, doc="held-out demonstrations for perplexity (completion tokens)"),
-    "pairs": Slot("dataset", required=False, doc="held-out preference pairs: the reward's accuracy"),
+    "text": Slot("dataset", required=False, rows=frozenset({"prompt-completion", "text", "messages"}),
+                 doc="held-out demonstrations for perplexity (completion tokens)"),
+    "pairs": Slot("dataset", required=False, rows=frozenset({"preference"}),
+                  doc="held-out preference pairs: the reward's accuracy"),
 }
 
 

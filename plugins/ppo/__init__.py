@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy, ref
+from rlhfkit.registry import PROMPTED
 
 Aggregation = Literal["token-mean", "sequence-mean", "token-sum-norm", "global-token-mean"]
 
@@ -104,8 +105,9 @@ SLOTS = {
     "objective": Slot("objective", tag="policy-loss", doc="the policy loss, e.g. ppo-clip"),
     "constraints": Slot("constraint", required=False, many=True,
                         doc="kl, reward-norm, missing-eos, entropy, ptx, reference-ema, in the order they act"),
-    "data": Slot("dataset", doc="prompts (prompt rows, or any row with a prompt)"),
-    "eval_data": Slot("dataset", required=False, doc="held-out prompts evaluated with `gold` and the reward"),
+    "data": Slot("dataset", rows=PROMPTED, doc="prompts (prompt rows, or any row with a prompt)"),
+    "eval_data": Slot("dataset", required=False, rows=PROMPTED,
+                      doc="held-out prompts evaluated with `gold` and the reward"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
 }
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhfkit import ComponentSpec, OptimizerSettings, Problem, Slot, StageRef, hookimpl, lazy
+from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageRef, hookimpl, lazy
+from rlhfkit.registry import tagged
 
 
 class RewardModelConfig(OptimizerSettings):
@@ -29,9 +30,12 @@ SLOTS = {
     "backbone": Slot("policy", doc="the transformer under the scalar head, e.g. {name: transformers, from_stage: sft}"),
     "objective": Slot("objective", tag="reward-model-loss", doc="the ranking loss: pairwise, kwise, best-of-n, ties or margin"),
     "regularizers": Slot("objective", required=False, many=True, tag="reward-model-regularizer", doc="loss terms added to it: lm-loss, centering"),
-    "data": Slot("dataset", doc="preference pairs or K-wise rankings"),
-    "eval_data": Slot("dataset", required=False, doc="held-out pairs: accuracy, score statistics, calibration"),
-    "reference_data": Slot("dataset", required=False,
+    "data": Slot("dataset", rows=lambda config, slots, registry: frozenset(
+                     {"preference"} if tagged(registry, slots.get("objective"), "pairs") else {"preference", "ranking"}),
+                 doc="preference pairs or K-wise rankings (pairs only for the pairwise and margin objectives)"),
+    "eval_data": Slot("dataset", required=False, rows=frozenset({"preference"}),
+                      doc="held-out pairs: accuracy, score statistics, calibration"),
+    "reference_data": Slot("dataset", required=False, rows=frozenset({"prompt-completion", "messages", "preference"}),
                            doc="completions that should score mean 0 after training (InstructGPT: demonstrations)"),
 }
 
@@ -60,25 +64,3 @@ def rlhfkit_components() -> list[ComponentSpec]:
                       doc="scores from a trained reward model (an exported directory or an earlier stage)",
                       provides=frozenset({"to"})),
     ]
-
-
-_SCHEMAS = {"data": ("preference", "ranking"), "eval_data": ("preference",),
-            "reference_data": ("prompt-completion", "preference")}
-
-
-@hookimpl
-def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
-    """Rows a reward-model stage cannot use, found before anything runs when a data file
-    declares its schema."""
-    problems = []
-    for stage in recipe.stages:
-        if stage.algorithm.name != "reward-model":
-            continue
-        for slot, allowed in _SCHEMAS.items():
-            reference = stage.slots.get(slot)
-            schema = reference.settings.get("schema") if reference is not None and reference.name == "file" else None
-            if schema is not None and schema not in allowed:
-                problems.append(Problem(str(recipe.path), f"stages.{stage.name}.{slot}.schema",
-                                        f"the reward model's {slot} takes {' or '.join(allowed)} rows, not {schema}",
-                                        f"set schema: {allowed[0]} and point it at such a file"))
-    return problems

@@ -57,13 +57,14 @@ class CenteringConfig(BaseModel):
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     def objective(name: str, config: type[BaseModel], class_name: str, doc: str,
-                  tag: str = "reward-model-loss") -> ComponentSpec:
+                  tag: str = "reward-model-loss", *more: str) -> ComponentSpec:
         return ComponentSpec(kind="objective", name=name, config=config, factory=lazy(f"rlhfkit.plugins.rm_objectives.components:{class_name}"),
-                             doc=doc, tags=frozenset({tag}))
+                             doc=doc, tags=frozenset({tag, *more}))
 
     return [
+        # "pairs": K = 2 only, so the reward model's data slot then takes no rankings
         objective("pairwise", PairwiseConfig, "Pairwise",
-                  "Bradley-Terry on pairs: -mean log sigmoid(r_w - r_l); ties left out"),
+                  "Bradley-Terry on pairs: -mean log sigmoid(r_w - r_l); ties left out", "reward-model-loss", "pairs"),
         objective("kwise", KWiseConfig, "KWise",
                   "InstructGPT K-wise: mean over a prompt's C(K,2) ranked pairs of -log sigmoid(r_i - r_j)"),
         objective("best-of-n", BestOfNConfig, "BestOfN",
@@ -71,7 +72,7 @@ def rlhfkit_components() -> list[ComponentSpec]:
         objective("ties", TiesConfig, "Ties",
                   "Christiano 2017: soft labels (0.5, 0.5) for ties, optional noise model"),
         objective("margin", MarginConfig, "Margin",
-                  "Llama-2: -log sigmoid(r_w - r_l - scale * margin), margin from the data"),
+                  "Llama-2: -log sigmoid(r_w - r_l - scale * margin), margin from the data", "reward-model-loss", "pairs"),
         objective("lm-loss", LMLossConfig, "LMLoss",
                   "Askell 2021 regulariser: coef * LM loss of the best completion (needs an LM head)",
                   tag="reward-model-regularizer"),

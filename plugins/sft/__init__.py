@@ -28,8 +28,8 @@ class SFTConfig(OptimizerSettings):
 
 SLOTS = {
     "policy": Slot("policy", doc="the model to train"),
-    "data": Slot("dataset", doc="demonstrations (prompt-completion, messages) or text"),
-    "eval_data": Slot("dataset", required=False, doc="held-out rows for perplexity and samples"),
+    "data": Slot("dataset", rows=frozenset({"prompt-completion", "text", "messages"}), doc="demonstrations (prompt-completion, messages) or text"),
+    "eval_data": Slot("dataset", required=False, rows=frozenset({"prompt-completion", "text", "messages"}), doc="held-out rows for perplexity and samples"),
 }
 
 

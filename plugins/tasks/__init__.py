@@ -95,6 +95,20 @@ class BuiltinDataConfig(BaseModel):
         return split
 
 
+#: The row kind of a split, by its name's beginning (every split of this plugin's tasks).
+_SPLIT_KINDS = (("prompts", "prompt"), ("preference", "preference"), ("unpaired", "unpaired"),
+                ("ranking", "ranking"), ("pretrain", "text"), ("sft", "prompt-completion"))
+
+
+def split_rows(config: BuiltinDataConfig) -> frozenset[str] | None:
+    """The row kind of the configured split of one of this plugin's tasks (``None`` for
+    another plugin's task, whose splits it does not know)."""
+    if config.task.name not in _SPLITS_OF:
+        return None
+    kind = next((kind for prefix, kind in _SPLIT_KINDS if config.split.startswith(prefix)), None)
+    return frozenset({kind}) if kind else None
+
+
 class BuiltinDataset:
     """One split of a task. ``task`` is the task object itself, so other components can
     reach its gold scorer, ``evaluate`` and vocabulary."""
@@ -168,7 +182,8 @@ def rlhfkit_components() -> list[ComponentSpec]:
                 "-4 wrong (knowledge boundary)"),
         ComponentSpec(
             kind="dataset", name="builtin", config=BuiltinDataConfig,
-            factory=make_builtin_dataset, doc="rows of a built-in task's split"),
+            factory=make_builtin_dataset, doc="rows of a built-in task's split",
+            yields=split_rows),
         ComponentSpec(
             kind="reward", name="gold", config=GoldConfig, factory=make_gold,
             doc="a task's ground-truth (gold) score, times `scale`: a rule reward",
