@@ -49,6 +49,7 @@ from rich.table import Table
 
 from rlhfkit.errors import Problem, RecipeError, UserError
 from rlhfkit.files import atomic_write_text
+from rlhfkit.provenance import code_changes, stage_code, upstream_changes
 from rlhfkit.recipe import (
     Recipe,
     apply_override,
@@ -97,6 +98,7 @@ class Ablation:
     seeds: list[int]
     recipes: dict[tuple[str, int], Recipe]  # (variant, seed) -> its recipe
     shared: dict[int, list[str]]  # seed -> names of the leading stages every variant shares
+    registry: Any = None  # the plugins' registry: which code each stage runs (rlhfkit.provenance)
 
     def stage_of(self, variant: str) -> str:
         return self.spec.stage or self.recipes[(variant, self.seeds[0])].stages[-1].name
@@ -110,6 +112,7 @@ class Job:
     recipe_file: Path
     run_dir: Path
     stages: list[tuple[str, str]]  # (stage, fingerprint) it must finish
+    code: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> the code it runs (provenance)
     data: dict[str, Any] = field(default_factory=dict)  # the resolved recipe it runs
     links: list[str] = field(default_factory=list)  # stages linked from seed-S/_shared
     after: str | None = None
@@ -118,11 +121,25 @@ class Job:
     log: Path = field(default_factory=Path)
 
     def finished(self) -> bool:
+        return not self.stale()
+
+    def stale(self) -> str:
+        """Why the job has to run ('' when every stage finished with these settings and code)."""
+        finishes: dict[str, str] = {}
         for stage, fingerprint in self.stages:
             info, _ = read_json_file(self.run_dir / stage / DONE_NAME, ("fingerprint",))
-            if info is None or info["fingerprint"] != fingerprint:
-                return False
-        return True
+            if info is None:
+                return f"stage {stage} has not finished"
+            if info["fingerprint"] != fingerprint:
+                return f"stage {stage}'s settings changed"
+            changed = code_changes(info.get("code"), self.code[stage]) if stage in self.code else ""
+            if changed:
+                return f"stage {stage}'s code changed: {changed}"
+            redone = upstream_changes(info.get("upstream"), finishes)
+            if redone:
+                return f"stage {stage} was trained on an earlier finish of {redone}"
+            finishes[stage] = str(info.get("id", ""))
+        return ""
 
 
 # ------------------------------------------------------------------ loading
@@ -188,7 +205,7 @@ def load_ablation(path: str | Path, plugins: Any, seeds: int | None = None, over
             common.append(column[0][0])
         # a variant needs at least one stage of its own, else it would equal the shared run
         shared[seed] = common[: min(len(x) for x in lists) - 1] if len(spec.variants) > 1 else []
-    return Ablation(path, spec, root, seed_list, recipes, shared)
+    return Ablation(path, spec, root, seed_list, recipes, shared, plugins.registry)
 
 
 def _variant_data(path: Path, base: dict, base_origins: dict, spec: AblationFile, name: str, variant: Variant,
@@ -227,16 +244,24 @@ def plan(ablation: Ablation) -> list[Job]:
                                 "name": f"{ablation.root.name}-shared-seed{seed}"})
             shared_job = Job(f"seed {seed} shared ({', '.join(shared)})", recipe_dir / f"seed-{seed}-{SHARED}.yaml",
                              seed_dir / SHARED, [(s.name, stage_fingerprint(s)) for s in first.stages
-                                                 if s.name in shared], data=data)
+                                                 if s.name in shared], data=data, code=_code(ablation, first))
             jobs.append(shared_job)
         for variant in ablation.spec.variants:
             recipe = ablation.recipes[(variant, seed)]
             jobs.append(Job(f"seed {seed} {variant}", recipe_dir / f"seed-{seed}-{variant}.yaml", recipe.run_dir,
                             [(s.name, stage_fingerprint(s)) for s in recipe.stages], data=recipe.data,
-                            links=list(shared), after=shared_job.name if shared_job else None))
+                            links=list(shared), after=shared_job.name if shared_job else None,
+                            code=_code(ablation, recipe)))
     for job in jobs:
         job.log = ablation.root / "logs" / (job.recipe_file.stem + ".log")
     return jobs
+
+
+def _code(ablation: Ablation, recipe: Recipe) -> dict[str, dict[str, str]]:
+    """Each stage's code (rlhfkit.provenance), when the ablation knows its plugins."""
+    if ablation.registry is None:
+        return {}
+    return {stage.name: stage_code(stage, ablation.registry) for stage in recipe.stages}
 
 
 def run_ablation(ablation: Ablation, jobs_at_once: int = 1, console: Console | None = None,
@@ -254,8 +279,11 @@ def run_ablation(ablation: Ablation, jobs_at_once: int = 1, console: Console | N
             if not link.exists() and not link.is_symlink():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(Path("..") / SHARED / stage, target_is_directory=True)
-        if job.finished():
+        why = job.stale()
+        if not why:
             job.state = "skipped"
+        elif "has not finished" not in why:
+            console.print(f"  [yellow]stale[/] {job.name}: {why}; running it again", highlight=False)
     pending = [j for j in jobs if j.state == "pending"]
     skipped = len(jobs) - len(pending)
     threads = max(1, (os.cpu_count() or 1) // jobs_at_once)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from rlhfkit.context import StageContext
 from rlhfkit.errors import UserError
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugin_manager import Plugins
+from rlhfkit.provenance import code_changes, stage_code, upstream_changes
 from rlhfkit.recipe import Recipe, Stage
 from rlhfkit.rundir import (
     RunLock,
@@ -164,16 +166,20 @@ def _run_stages(recipe: Recipe, plugins: Plugins, console: Console, main: bool) 
         atomic_write_text(run_dir / "recipe.yaml", f"# resolved from {recipe.path}\n" + recipe.to_yaml())
     exports: dict[str, Path] = {}
     summaries: dict[str, dict[str, Any]] = {}
+    upstream: dict[str, str] = {}  # earlier stage -> the id of the finish its stage directory holds
     for stage in recipe.stages:
         stage_dir = run_dir / stage.name
         fingerprint = stage_fingerprint(stage)
-        info = finished_stage(stage, stage_dir, fingerprint, console if main else None)
+        code = stage_code(stage, plugins.registry)
+        info = finished_stage(stage, stage_dir, fingerprint, console if main else None, code, upstream)
         if info is not None:
             if main:
                 console.print(f"[bold]stage {stage.name}[/]: already finished, skipping ({stage_dir / DONE_NAME})")
             summaries[stage.name] = info["summary"]
         else:
-            summaries[stage.name] = run_stage(recipe, stage, plugins, exports, fingerprint, console)
+            summaries[stage.name] = run_stage(recipe, stage, plugins, exports, fingerprint, console, code, upstream)
+        done, _ = read_json_file(stage_dir / DONE_NAME, ("fingerprint",))
+        upstream[stage.name] = str((done or {}).get("id", ""))
         exports[stage.name] = stage_dir / "export"
     if main:
         print_summary(summaries, console)
@@ -182,18 +188,32 @@ def _run_stages(recipe: Recipe, plugins: Plugins, console: Console, main: bool) 
     return summaries
 
 
-def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Console | None
+def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Console | None,
+                   code: dict[str, str] | None = None, upstream: dict[str, str] | None = None
                    ) -> dict[str, Any] | None:
     """``DONE.json``'s content if the stage finished with these settings and its export is
     whole; ``None`` if it has to run (or be finalised again from its checkpoint). A
     ``DONE.json`` that does not read, or an export that is missing, cut short or corrupt,
-    is reported and set aside (every rank sees the same files and decides alike)."""
+    is reported and set aside (every rank sees the same files and decides alike). A stage
+    whose plugin code changed since (``code``, :func:`rlhfkit.provenance.stage_code`), or
+    that was trained after another finish of an earlier stage than the one its directory
+    holds now (``upstream``: earlier stage -> the id of its finish), runs again from the start."""
     done = stage_dir / DONE_NAME
     if not done.exists():
         return None
     info, why = read_json_file(done, ("fingerprint", "summary"))
     if info is not None:
         _check_same(stage, stage_dir, info.get("fingerprint"), fingerprint, "finished")
+        changed = code_changes(info.get("code"), code) if code is not None else ""
+        redone = upstream_changes(info.get("upstream"), upstream)
+        if changed or redone:
+            reason = (f"the code it ran changed since it finished ({changed})" if changed
+                      else f"{redone} finished again since")
+            if console is not None:
+                console.print(f"[yellow]stage {stage.name}[/]: finished, but {reason}; running it again",
+                              highlight=False)
+                _set_aside(stage_dir)
+            return None
         if info.get("export") is None and "export" not in info["summary"]:
             return info  # a stage that writes no model (an evaluation)
         why = verify_export(stage_dir / "export", info.get("export"))
@@ -209,8 +229,18 @@ def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Con
     return None
 
 
+def _set_aside(stage_dir: Path) -> None:
+    """Move a stage's DONE.json and checkpoints aside (removed as stale on the next start),
+    so that it runs from the beginning."""
+    pid = os.getpid()
+    for name in (DONE_NAME, "checkpoints", STATE_NAME):
+        if (stage_dir / name).exists():
+            os.replace(stage_dir / name, stage_dir / f".{name}.old-{pid}")
+
+
 def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str, Path],
-              fingerprint: str, console: Console) -> dict[str, Any]:
+              fingerprint: str, console: Console, code: dict[str, str] | None = None,
+              upstream: dict[str, str] | None = None) -> dict[str, Any]:
     stage_dir = recipe.run_dir / stage.name
     state_file = stage_dir / STATE_NAME
     rank = process_rank()
@@ -224,8 +254,16 @@ def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str,
                  f"the interrupted run's")
         else:
             _check_same(stage, stage_dir, state["fingerprint"], fingerprint, "interrupted")
+            changed = code_changes(state.get("code"), code) if code is not None else ""
+            if changed:  # resuming would mix two versions of the code in one model
+                warn(f"stage {stage.name!r}: the code it ran changed since it was interrupted ({changed}); "
+                     f"starting it again instead of resuming from {checkpoint}")
+                if rank == 0:  # every rank starts over; one moves the files
+                    _set_aside(stage_dir)
+                checkpoint = None
     if rank == 0:
-        atomic_write_text(state_file, json.dumps({"fingerprint": fingerprint}))
+        atomic_write_text(state_file, json.dumps({"fingerprint": fingerprint, "code": code,
+                                                  "upstream": dict(upstream or {})}))
     seed = rank_seed(recipe.run.seed, rank)
     L.seed_everything(seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(stage.trainer.deterministic, warn_only=True)
@@ -368,10 +406,19 @@ def finish_stage(module: Any, stage: Stage, stage_dir: Path, fingerprint: str, s
         summary["export"] = str(export_dir)
     atomic_write_text(stage_dir / "summary.json", json.dumps(summary, indent=2))
     manifest = export_manifest(export_dir) if export_dir.is_dir() else None
-    atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, "summary": summary,
+    atomic_write_text(stage_dir / DONE_NAME, json.dumps({"fingerprint": fingerprint, **_provenance(stage_dir),
+                                                         "summary": summary,
                                                          "export": manifest}))
     hook.rlhfkit_on_stage_end(stage=stage.name, stage_dir=stage_dir, summary=summary)
     return summary
+
+
+def _provenance(stage_dir: Path) -> dict[str, Any]:
+    """For DONE.json: a new id of this finish, and the code and earlier finishes the stage
+    ran with, as its state file recorded them when it (re)started."""
+    state, _ = read_json_file(stage_dir / STATE_NAME, ("fingerprint",))
+    state = state or {}
+    return {"id": uuid.uuid4().hex, "code": state.get("code"), "upstream": state.get("upstream")}
 
 
 def _check_same(stage: Stage, stage_dir: Path, saved: str | None, current: str, state: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,17 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 def column(rows: list[dict[str, str]], name: str) -> dict[int, float]:
     """``{step: value}`` of one metric column (rows where it was logged)."""
     return {int(float(r["step"])): float(r[name]) for r in rows if r.get(name)}
+
+
+def pip_install(source: Path, target: Path) -> None:
+    """Install the distribution at ``source`` into ``target`` without network access."""
+    # Built from a copy: an in-tree build leaves build/ and *.egg-info/ next to the source.
+    copy = target.parent / f"{source.name}-src"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--no-build-isolation", "--no-index", "--no-cache-dir",
+         "--target", str(target), str(copy)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, f"pip could not install {source.name}:\n{result.stderr}"

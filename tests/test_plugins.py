@@ -14,7 +14,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from helpers import pip_install
 from pydantic import BaseModel, ConfigDict
 
 import rlhfkit
@@ -32,20 +32,6 @@ from rlhfkit.plugins import tasks
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "rlhfkit-example-plugin"
 ENTRY_POINTS = sorted({ep.name for ep in importlib.metadata.entry_points(group="rlhfkit")})
-
-
-def pip_install(source: Path, target: Path) -> None:
-    """Install the distribution at ``source`` into ``target`` without network access."""
-    # Built from a copy: an in-tree build leaves build/ and *.egg-info/ next to the source.
-    copy = target.parent / f"{source.name}-src"
-    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-deps", "--no-build-isolation", "--no-index", "--no-cache-dir",
-         "--target", str(target), str(copy)],
-        check=False, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, f"pip could not install {source.name}:\n{result.stderr}"
 
 
 def run(args: list[str], site: Path | None = None, env: dict[str, str] | None = None,

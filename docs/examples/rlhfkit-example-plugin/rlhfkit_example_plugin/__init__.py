@@ -146,7 +146,9 @@ def rlhfkit_components() -> list[rlhfkit.ComponentSpec]:
                 "per repeated word"),
         rlhfkit.ComponentSpec(
             kind="dataset", name="inline", config=InlineDataConfig, factory=make_inline,
-            doc="prompt-completion rows written in the recipe (tiny experiments)"),
+            doc="prompt-completion rows written in the recipe (tiny experiments)",
+            # the row kind it gives: `rlhfkit validate` refuses it where an algorithm takes others
+            yields=lambda config: frozenset({"prompt-completion"})),
     ]
 
 
