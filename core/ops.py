@@ -54,12 +54,16 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of ``x`` where ``mask`` is 1. ``x, mask: [...]``; over all entries or ``dim``."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    """Sum of ``x * mask`` where ``mask`` is not 0. ``x, mask: [...]``; over all entries or
+    ``dim``. Entries where ``mask`` is 0 are left out, whatever they hold (NaN or Inf in
+    padding do not leak, as they would through ``x * mask``)."""
+    kept = torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """``sum(x * mask) / sum(mask)`` over all entries, or along ``dim``."""
+    """``sum(x * mask) / sum(mask)`` over all entries, or along ``dim`` (entries where
+    ``mask`` is 0 are left out whatever they hold: see :func:`masked_sum`)."""
     count = mask.sum() if dim is None else mask.sum(dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1e-12)
 

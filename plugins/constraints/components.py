@@ -51,8 +51,9 @@ class KLPenalty:
     def shape_rewards(self, rollout: Rollout) -> dict[str, float] | None:
         if self.config.placement != "reward":
             return None
-        mask = rollout.response_mask.float()
-        penalty = self.controller.value * self._estimate(rollout.logprobs, rollout.ref_logprobs) * mask
+        real = rollout.response_mask != 0
+        estimate = self._estimate(rollout.logprobs, rollout.ref_logprobs)
+        penalty = torch.where(real, self.controller.value * estimate, torch.zeros((), dtype=estimate.dtype))
         rollout.rewards -= penalty
         return {"kl/coef": self.controller.value, "kl/penalty": float(penalty.sum(1).mean())}
 
