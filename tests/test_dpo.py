@@ -165,8 +165,10 @@ def test_lora_reference_is_the_adapter_switched_off(tmp_path):
 
 def test_wrong_rows_are_a_clear_error(tmp_path):
     result = cli("run", DPO, *TINY_DPO, f"run.dir={tmp_path / 'run'}", "stages.dpo.data.split=sft", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "trains on preference pairs; `data:` holds PromptCompletion rows" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("stages.dpo.data: dataset 'builtin' gives demonstrations (PromptCompletion), but the dpo algorithm's "
+            "'data' takes preference pairs") in " ".join(result.stderr.split())
+    assert not (tmp_path / "run" / "sft").exists()  # found before anything trained
 
 
 def test_online_dpo_samples_labels_and_trains(tmp_path):

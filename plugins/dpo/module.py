@@ -234,15 +234,16 @@ class DirectPreference(L.LightningModule):
                 # this rank's pairs are averaged (and DDP averages the ranks)
                 share = pairs if self.config.online is not None else self.section.batch_size / world
                 self.manual_backward(term.loss * n / share)
-            for name, value in {**term.metrics, **evaluation.pair_metrics(preference)}.items():
+            for name, value in {**term.metrics, **evaluation.pair_metrics(preference),
+                                unpaired.LOSS_KEY: term.loss.detach()}.items():
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
         self._finish_step({name: value / pairs for name, value in sums.items()}, pairs)
 
     def _finish_step(self, means: dict[str, torch.Tensor], rows: int) -> None:
         """After a step's backward passes: the optimizer step, constraints, logs, evaluation."""
-        loss = means.get("dpo/loss")
-        grad_norm = optimizer_step(self, self.section.gradient_clip,  # NaN guard (trainer.on_nan)
-                                   loss=loss if isinstance(loss, torch.Tensor) else None)
+        # the objective's own loss, whatever metrics it reports, reaches the NaN guard (trainer.on_nan)
+        loss = means.pop(unpaired.LOSS_KEY, None)
+        grad_norm = optimizer_step(self, self.section.gradient_clip, loss=loss if isinstance(loss, torch.Tensor) else None)
         after: dict[str, float] = {}
         for constraint in self.constraints:
             if provides(constraint, "after_update"):

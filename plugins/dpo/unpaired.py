@@ -20,6 +20,9 @@ from rlhfkit import Feedback, FeedbackBatch, UserError, encode_pairs, gradient_s
 from rlhfkit.plugins.dpo import losses
 from rlhfkit.plugins.dpo.logps import sequence_logps
 
+#: the key under which a step's mean objective loss reaches the NaN guard (not logged)
+LOSS_KEY = "_loss"
+
 _PARTS = ("input_ids", "attention_mask", "labels_mask")
 
 
@@ -88,7 +91,7 @@ def backward(module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                    else module._reference_logps(completions))
             term = module.objective(FeedbackBatch(logps, tokens, chunk["desirable"], ref, mismatched, ref_mismatched))
             module.manual_backward(term.loss * n / share)
-        for name, value in term.metrics.items():
+        for name, value in {**term.metrics, LOSS_KEY: term.loss.detach()}.items():
             sums[name] = sums.get(name, 0.0) + torch.as_tensor(value).float() * n
         rewards.append(losses.log_ratio(logps, ref).detach().float())
         logps_of.append(logps.detach().float())
