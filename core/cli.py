@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     recipes.add_argument("directory", nargs="?", help="copy: where to write it (and the files it extends)")
     recipes.add_argument("--force", action="store_true", help="copy: overwrite files that exist")
 
+    new = sub.add_parser("new", help="write a plugin distribution with one working, tested component")
+    new.add_argument("kind", choices=["estimator", "objective", "constraint", "reward"])
+    new.add_argument("name", help="the component's name, e.g. my-adv (the distribution is rlhfkit-NAME)")
+    new.add_argument("--dir", help="where to write it (default: ./rlhfkit-NAME)")
+    new.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+
     plugins = sub.add_parser("plugins", help="list installed components with their settings")
     plugins.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
 
@@ -92,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_recipes(args, console)
         elif args.command == "plugins":
             show_plugins(plugins, args.kind, console)
+        elif args.command == "new":
+            from pathlib import Path
+
+            from rlhfkit.scaffold import new_plugin
+
+            root = new_plugin(args.kind, args.name, Path(args.dir) if args.dir else None, args.force)
+            console.print(f"wrote {root}: a plugin with the {args.kind} {args.name!r}, its test and a recipe. Next: "
+                          f"cd {root} && pip install -e '.[test]' && pytest && rlhfkit validate recipe.yaml",
+                          highlight=False, markup=False, soft_wrap=True)
         elif args.command == "schema":
             text = json.dumps(recipe_schema(plugins.registry), indent=2)
             if args.output:
