@@ -31,6 +31,7 @@ from rlhfkit.plugin_manager import BLOCK_ENV
 from rlhfkit.plugins import tasks
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "rlhfkit-example-plugin"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 ENTRY_POINTS = sorted({ep.name for ep in importlib.metadata.entry_points(group="rlhfkit")})
 
 
@@ -118,6 +119,25 @@ def test_installed_example_builds_and_scores(example_site):
     assert found["scores"] == [1.5, 0.0, 0.0]
     assert found["rows"] == [["how is the lamp ?", "i love it ."]]
     assert "example" in found["checkers"]
+
+
+def test_the_example_plugins_own_tests_pass_installed(example_site):
+    """Its estimator, objective and constraint are tested with rlhfkit.testing only."""
+    result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")], site=example_site,
+                 module=False)
+    assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_example_plugins_components_fit_the_recipes(example_site):
+    recipe = RECIPES_DIR / "ppo.yaml"
+    for override in ("stages.ppo.estimator=whitened-return",
+                     "stages.ppo.constraints=[{name: kl}, {name: length-penalty, coef: 0.05}]"):
+        result = run(["validate", str(recipe), override], site=example_site)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # the length penalty shapes rewards, which the dpo algorithm never calls: refused
+    result = run(["validate", str(RECIPES_DIR / "dpo.yaml"), "stages.dpo.objective=margin-dpo",
+                  "stages.dpo.constraints=[length-penalty]"], site=example_site)
+    assert result.returncode == 2 and "constraint 'length-penalty' shapes rewards" in flat(result.stderr)
 
 
 # ---------------------------------------------------- a broken third-party plugin

@@ -47,8 +47,13 @@ class DPOConfig(OptimizerSettings):
 
 
 def _pairs(config: DPOConfig, slots: dict[str, Any], registry: Any) -> frozenset[str]:
-    """Offline: preference pairs, and with an objective that takes unpaired rows (kto) those too."""
+    """preference pairs, and unpaired rows with an objective tagged unpaired (kto)"""
     return frozenset({"preference"} | ({"unpaired"} if tagged(registry, slots.get("objective"), "unpaired") else set()))
+
+
+def _data(config: DPOConfig, slots: dict[str, Any], registry: Any) -> frozenset[str]:
+    """prompts when online, else preference pairs (and unpaired rows with an objective tagged unpaired)"""
+    return PROMPTED if config.online is not None else _pairs(config, slots, registry)
 
 
 SLOTS = {
@@ -56,8 +61,7 @@ SLOTS = {
     "reference": Slot("policy", required=False,
                       doc="the reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "objective": Slot("objective", tag="preference-loss", doc="dpo, cdpo, robust-dpo, ipo, hinge, simpo, orpo or kto"),
-    "data": Slot("dataset", rows=lambda config, slots, registry: PROMPTED if config.online is not None
-                 else _pairs(config, slots, registry),
+    "data": Slot("dataset", rows=_data,
                  doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
                                 "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),

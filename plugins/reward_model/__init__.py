@@ -11,6 +11,8 @@ docs/reward-model.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhfkit import ComponentSpec, OptimizerSettings, Slot, StageRef, hookimpl, lazy
@@ -26,12 +28,16 @@ class RewardModelConfig(OptimizerSettings):
     report_examples: int = Field(4, ge=0, description="eval pairs shown with their scores in the report")
 
 
+def _data_rows(config: Any, slots: dict[str, Any], registry: Any) -> frozenset[str]:
+    """preference pairs, and rankings unless the objective takes pairs only (tag pairs)"""
+    return frozenset({"preference"} if tagged(registry, slots.get("objective"), "pairs") else {"preference", "ranking"})
+
+
 SLOTS = {
     "backbone": Slot("policy", doc="the transformer under the scalar head, e.g. {name: transformers, from_stage: sft}"),
     "objective": Slot("objective", tag="reward-model-loss", doc="the ranking loss: pairwise, kwise, best-of-n, ties or margin"),
     "regularizers": Slot("objective", required=False, many=True, tag="reward-model-regularizer", doc="loss terms added to it: lm-loss, centering"),
-    "data": Slot("dataset", rows=lambda config, slots, registry: frozenset(
-                     {"preference"} if tagged(registry, slots.get("objective"), "pairs") else {"preference", "ranking"}),
+    "data": Slot("dataset", rows=_data_rows,
                  doc="preference pairs or K-wise rankings (pairs only for the pairwise and margin objectives)"),
     "eval_data": Slot("dataset", required=False, rows=frozenset({"preference"}),
                       doc="held-out pairs: accuracy, score statistics, calibration"),

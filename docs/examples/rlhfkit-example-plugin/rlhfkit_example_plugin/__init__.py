@@ -5,7 +5,7 @@ Installed, it is found through its entry point (see ``pyproject.toml``)::
     [project.entry-points.rlhfkit]
     example = "rlhfkit_example_plugin"
 
-and contributes two components:
+and contributes five components:
 
 - reward ``keyword-bonus``: ``bonus`` for each distinct keyword a response contains,
   minus ``penalty_per_repeat`` for each repeated word. Rule-based, no model::
@@ -16,6 +16,14 @@ and contributes two components:
   experiments::
 
       data: {name: inline, rows: [{prompt: "how is the lamp ?", completion: "i love it ."}]}
+
+- estimator ``whitened-return``, objective ``margin-dpo`` and constraint
+  ``length-penalty`` (in ``components.py``, imported only when built), each tested with
+  ``rlhfkit.testing`` alone (``tests/``)::
+
+      estimator: whitened-return
+      objective: {name: margin-dpo, beta: 0.1, margin: 0.5}
+      constraints: [{name: kl}, {name: length-penalty, coef: 0.05, free: 8}]
 
 It also checks recipes: a keyword that the stage's policy cannot write (because its
 word-level tokenizer is built from a task's vocabulary, as the built-in tasks' models
@@ -133,6 +141,35 @@ def make_inline(config: InlineDataConfig, context: rlhfkit.StageContext | None) 
     return InlineDataset(config)
 
 
+# ----------------------------------------------- estimator, objective, constraint: settings
+
+
+class WhitenedReturnConfig(BaseModel):
+    """Settings of the ``whitened-return`` estimator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eps: float = Field(1e-6, gt=0, description="added to the batch std of the returns")
+
+
+class MarginDPOConfig(BaseModel):
+    """Settings of the ``margin-dpo`` objective."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference")
+    margin: float = Field(0.5, ge=0, description="the reward margin the chosen response should win by")
+
+
+class LengthPenaltyConfig(BaseModel):
+    """Settings of the ``length-penalty`` constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coef: float = Field(0.05, ge=0, description="penalty per token beyond `free`")
+    free: int = Field(8, ge=0, description="tokens a response may use without penalty")
+
+
 # -------------------------------------------------------------------------- hooks
 
 
@@ -149,6 +186,22 @@ def rlhfkit_components() -> list[rlhfkit.ComponentSpec]:
             doc="prompt-completion rows written in the recipe (tiny experiments)",
             # the row kind it gives: `rlhfkit validate` refuses it where an algorithm takes others
             yields=lambda config: frozenset({"prompt-completion"})),
+        # The class behind each: rlhfkit.lazy imports it only when a stage builds it (torch stays
+        # out of `rlhfkit validate`); the registry reads the class's source to check its methods.
+        rlhfkit.ComponentSpec(
+            kind="estimator", name="whitened-return", config=WhitenedReturnConfig,
+            factory=rlhfkit.lazy("rlhfkit_example_plugin.components:WhitenedReturn"),
+            doc="advantage = the response's return whitened over the batch, on every real token (no critic)"),
+        rlhfkit.ComponentSpec(
+            kind="objective", name="margin-dpo", config=MarginDPOConfig,
+            factory=rlhfkit.lazy("rlhfkit_example_plugin.components:MarginDPO"),
+            doc="DPO with a target margin: -log sigmoid(beta * delta - margin)",
+            tags=frozenset({"preference-loss"})),  # the dpo algorithm's objective slot
+        rlhfkit.ComponentSpec(
+            kind="constraint", name="length-penalty", config=LengthPenaltyConfig,
+            factory=rlhfkit.lazy("rlhfkit_example_plugin.components:LengthPenalty"),
+            doc="score minus coef per response token beyond `free`",
+            provides=frozenset({"shape_rewards"})),  # what PPO calls on it
     ]
 
 
