@@ -21,7 +21,7 @@ def test_contracts_page_is_generated_from_the_declarations():
 def test_the_plugin_guide_lists_every_builtin_plugin():
     entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["rlhfkit"]
     guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
-    listed = re.search(r"registers its built-in plugins\n\((.*?)\) in the same group", guide, re.S).group(1)
+    listed = re.search(r"registers its built-in plugins\n\((.*?)\) in the same group", guide, re.DOTALL).group(1)
     assert {name.strip(" `\n") for name in listed.split(",")} == set(entry_points)
 
 
