@@ -35,18 +35,25 @@ CASES = [(recipe, stage, slot, spec.name) for (recipe, stage, slot) in FITS
                                     .slots[slot].kind)]
 
 
+def refused(recipe: str, override: str, fits: bool) -> rlhfkit.Problem | None:
+    """Validate the recipe with ``override``: ``None`` when it ``fits``, else the one problem."""
+    if fits:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+        return None
+    with pytest.raises(RecipeError) as caught:
+        PLUGINS.load_recipe(RECIPES / recipe, [override])
+    (problem,) = caught.value.problems  # one paragraph, for this slot
+    return problem
+
+
 @pytest.mark.parametrize(("recipe", "stage", "slot", "name"), CASES, ids=[f"{c[1]}.{c[2]}={c[3]}" for c in CASES])
 def test_every_builtin_pair_is_valid_or_a_validate_error(recipe, stage, slot, name):
     algorithm = REGISTRY.get("algorithm", {"ppo": "ppo", "dpo": "dpo", "rm": "reward-model"}[stage])
     component = {"name": name, **SETTINGS.get(name, {})}
     value = [component] if algorithm.slots[slot].many else component
-    override = f"stages.{stage}.{slot}={value}"
-    if name in FITS[(recipe, stage, slot)]:
-        PLUGINS.load_recipe(RECIPES / recipe, [override])
+    problem = refused(recipe, f"stages.{stage}.{slot}={value}", name in FITS[(recipe, stage, slot)])
+    if problem is None:
         return
-    with pytest.raises(RecipeError) as caught:
-        PLUGINS.load_recipe(RECIPES / recipe, [override])
-    (problem,) = caught.value.problems  # one paragraph, for this slot
     assert problem.path.startswith(f"stages.{stage}.{slot}") and name in problem.message
     assert any(fit in problem.hint for fit in FITS[(recipe, stage, slot)]), problem.hint
 
@@ -192,11 +199,7 @@ def test_every_data_slot_takes_its_row_kinds_and_refuses_the_rest(tmp_path, reci
         dataset = f"{{name: file, path: {chat}, schema: messages}}"
     else:
         dataset = f"{{name: builtin, task: reviews, split: {KIND_SOURCES[kind]}}}"
-    override = f"stages.{stage}.{slot}={dataset}"
-    if kind in TAKES[(recipe, stage, slot)]:
-        PLUGINS.load_recipe(RECIPES / recipe, [override])
+    problem = refused(recipe, f"stages.{stage}.{slot}={dataset}", kind in TAKES[(recipe, stage, slot)])
+    if problem is None:
         return
-    with pytest.raises(RecipeError) as caught:
-        PLUGINS.load_recipe(RECIPES / recipe, [override])
-    (problem,) = caught.value.problems
     assert problem.path == f"stages.{stage}.{slot}" and "takes" in problem.message, problem

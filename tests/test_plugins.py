@@ -143,29 +143,38 @@ def test_the_example_plugins_components_fit_the_recipes(example_site):
 # ---------------------------------------------------- a broken third-party plugin
 
 
-def test_broken_distribution_is_named_without_a_traceback(tmp_path):
-    source = tmp_path / "rlhfkit-broken-plugin"
+def fake_distribution(tmp_path: Path, name: str, version: str, plugin: str, modules: dict[str, str]) -> Path:
+    """Install a distribution ``name`` whose entry point ``plugin`` is the first of
+    ``modules`` (module name -> source) into a folder; returns it (for PYTHONPATH)."""
+    source = tmp_path / name
     source.mkdir()
-    (source / "pyproject.toml").write_text(textwrap.dedent("""
+    names = ", ".join(f'"{m}"' for m in modules)
+    (source / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
 
         [project]
-        name = "rlhfkit-broken-plugin"
-        version = "0.3.1"
+        name = "{name}"
+        version = "{version}"
         dependencies = ["rlhfkit"]
 
         [project.entry-points.rlhfkit]
-        broken = "rlhfkit_broken_plugin"
+        {plugin} = "{next(iter(modules))}"
 
         [tool.setuptools]
-        py-modules = ["rlhfkit_broken_plugin"]
+        py-modules = [{names}]
     """))
-    (source / "rlhfkit_broken_plugin.py").write_text("import a_module_that_is_not_installed\n")
+    for module, text in modules.items():
+        (source / f"{module}.py").write_text(textwrap.dedent(text))
     site = tmp_path / "site"
     pip_install(source, site)
+    return site
 
+
+def test_broken_distribution_is_named_without_a_traceback(tmp_path):
+    site = fake_distribution(tmp_path, "rlhfkit-broken-plugin", "0.3.1", "broken",
+                             {"rlhfkit_broken_plugin": "import a_module_that_is_not_installed\n"})
     result = run(["plugins"], site=site)
     assert result.returncode == 2
     err = flat(result.stderr)
@@ -176,48 +185,29 @@ def test_broken_distribution_is_named_without_a_traceback(tmp_path):
 
 
 def test_a_misspelt_capability_is_refused_at_load_naming_the_distribution(tmp_path):
-    source = tmp_path / "rlhfkit-misspelt-plugin"
-    source.mkdir()
-    (source / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
+    site = fake_distribution(tmp_path, "rlhfkit-misspelt-plugin", "0.2.0", "misspelt", {
+        "rlhfkit_misspelt_plugin": """
+            from pydantic import BaseModel, ConfigDict
+            import rlhfkit
 
-        [project]
-        name = "rlhfkit-misspelt-plugin"
-        version = "0.2.0"
-        dependencies = ["rlhfkit"]
+            class Settings(BaseModel):
+                model_config = ConfigDict(extra="forbid")
 
-        [project.entry-points.rlhfkit]
-        misspelt = "rlhfkit_misspelt_plugin"
-
-        [tool.setuptools]
-        py-modules = ["rlhfkit_misspelt_plugin", "rlhfkit_misspelt_components"]
-    """))
-    (source / "rlhfkit_misspelt_plugin.py").write_text(textwrap.dedent("""
-        from pydantic import BaseModel, ConfigDict
-        import rlhfkit
-
-        class Settings(BaseModel):
-            model_config = ConfigDict(extra="forbid")
-
-        @rlhfkit.hookimpl
-        def rlhfkit_components():
-            return [rlhfkit.ComponentSpec("constraint", "length-penalty", Settings,
-                                          rlhfkit.lazy("rlhfkit_misspelt_components:LengthPenalty"),
-                                          "penalise long responses", provides=frozenset({"after_update"}))]
-    """))
-    (source / "rlhfkit_misspelt_components.py").write_text(textwrap.dedent("""
-        class LengthPenalty:
-            def __init__(self, config, context):
-                pass
-            def after_update(self, rollout):
-                return None
-            def shape_reward(self, rollout):
-                rollout.scores -= 0.01 * rollout.response_mask.sum(1)
-    """))
-    site = tmp_path / "site"
-    pip_install(source, site)
+            @rlhfkit.hookimpl
+            def rlhfkit_components():
+                return [rlhfkit.ComponentSpec("constraint", "length-penalty", Settings,
+                                              rlhfkit.lazy("rlhfkit_misspelt_components:LengthPenalty"),
+                                              "penalise long responses", provides=frozenset({"after_update"}))]
+        """,
+        "rlhfkit_misspelt_components": """
+            class LengthPenalty:
+                def __init__(self, config, context):
+                    pass
+                def after_update(self, rollout):
+                    return None
+                def shape_reward(self, rollout):
+                    rollout.scores -= 0.01 * rollout.response_mask.sum(1)
+        """})
     result = run(["plugins"], site=site)
     assert result.returncode == 2
     err = flat(result.stderr)
