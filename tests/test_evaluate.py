@@ -12,7 +12,7 @@ from helpers import RECIPES, TINY_SFT
 from rich.console import Console
 
 import rlhfkit
-from rlhfkit import UserError
+from rlhfkit import RecipeError, UserError
 from rlhfkit.runner import run_recipe
 
 PLUGINS = rlhfkit.load_plugins()
@@ -99,7 +99,7 @@ def test_kl_to_a_different_model_is_positive(run):
 
 def test_rows_without_the_needed_field_are_a_clear_error(run):
     recipe_path, root = run
-    recipe = PLUGINS.load_recipe(recipe_path, [*FIXTURE, f"run.dir={root}",
-                                               "stages.report.text.split=prompts-eval"])
-    with pytest.raises(UserError, match=r"reads `completion` from `text:` rows; Prompt rows have none"):
-        run_recipe(recipe, PLUGINS, QUIET)
+    # refused by the recipe check, before any stage runs
+    with pytest.raises(RecipeError, match=r"stages.report.text: dataset 'builtin' gives prompts \(Prompt\), but the "
+                                          r"evaluate algorithm's 'text' takes"):
+        PLUGINS.load_recipe(recipe_path, [*FIXTURE, f"run.dir={root}", "stages.report.text.split=prompts-eval"])
