@@ -12,7 +12,7 @@ from helpers import RECIPES, TINY_SFT
 from rich.console import Console
 
 import rlhfkit
-from rlhfkit import RecipeError, UserError
+from rlhfkit import RecipeError
 from rlhfkit.runner import run_recipe
 
 PLUGINS = rlhfkit.load_plugins()
