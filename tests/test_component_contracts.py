@@ -203,3 +203,15 @@ def test_every_data_slot_takes_its_row_kinds_and_refuses_the_rest(tmp_path, reci
     if problem is None:
         return
     assert problem.path == f"stages.{stage}.{slot}" and "takes" in problem.message, problem
+
+
+def test_validating_every_shipped_recipe_imports_no_torch():
+    """Loading plugins, checking declarations (from source) and every plugin's recipe check
+    stay torch-free, so `rlhfkit validate` answers fast."""
+    import subprocess
+
+    code = ("import sys, rlhfkit; from rlhfkit.shipped import shipped_recipes; p = rlhfkit.load_plugins(); "
+            "[p.load_recipe(path) for name, path in shipped_recipes().items() if not name.startswith('ablations/')]; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr

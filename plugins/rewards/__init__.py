@@ -79,8 +79,15 @@ class PythonRewardConfig(BaseModel):
                           description="multiplies every score (to mix with other rewards, use composite)")
 
 
+def resolve(function: str, recipe_dir: Path) -> tuple[Path, str]:
+    """``FILE.py:NAME`` as ``(absolute file, name)``; ``FILE`` relative to ``recipe_dir``."""
+    file, _, name = function.rpartition(":")
+    path = Path(file).expanduser()
+    return (path if path.is_absolute() else recipe_dir / path).resolve(), name
+
+
 def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any:
-    from rlhfkit.plugins.rewards.python import PythonReward, load_function, resolve
+    from rlhfkit.plugins.rewards.python import PythonReward, load_function
 
     path, name = resolve(config.function, context.recipe_dir if context is not None else Path.cwd())
     function = load_function(path, name)
@@ -103,8 +110,6 @@ def rlhfkit_components() -> list[ComponentSpec]:
 def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
     """A ``python`` reward's file exists, parses and defines its function at top level,
     checked without running it (``rlhfkit validate`` executes no user code)."""
-    from rlhfkit.plugins.rewards.python import resolve
-
     problems = []
     for stage in recipe.stages:
         for slot, value in stage.slots.items():

@@ -26,13 +26,6 @@ import torch
 from rlhfkit import UserError
 
 
-def resolve(function: str, recipe_dir: Path) -> tuple[Path, str]:
-    """``FILE.py:NAME`` as ``(absolute file, name)``; ``FILE`` relative to ``recipe_dir``."""
-    file, _, name = function.rpartition(":")
-    path = Path(file).expanduser()
-    return (path if path.is_absolute() else recipe_dir / path).resolve(), name
-
-
 def _where(exc: BaseException, path: Path) -> str:
     """``line N`` of the deepest frame of the traceback that is in ``path``."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path]
