@@ -171,13 +171,14 @@ def _run_stages(recipe: Recipe, plugins: Plugins, console: Console, main: bool) 
         stage_dir = run_dir / stage.name
         fingerprint = stage_fingerprint(stage)
         code = stage_code(stage, plugins.registry)
-        info = finished_stage(stage, stage_dir, fingerprint, console if main else None, code, upstream)
+        info, again = finished_stage(stage, stage_dir, fingerprint, console if main else None, code, upstream)
         if info is not None:
             if main:
                 console.print(f"[bold]stage {stage.name}[/]: already finished, skipping ({stage_dir / DONE_NAME})")
             summaries[stage.name] = info["summary"]
         else:
-            summaries[stage.name] = run_stage(recipe, stage, plugins, exports, fingerprint, console, code, upstream)
+            summaries[stage.name] = run_stage(recipe, stage, plugins, exports, fingerprint, console, code, upstream,
+                                              fresh=bool(again))
         done, _ = read_json_file(stage_dir / DONE_NAME, ("fingerprint",))
         upstream[stage.name] = str((done or {}).get("id", ""))
         exports[stage.name] = stage_dir / "export"
@@ -190,17 +191,18 @@ def _run_stages(recipe: Recipe, plugins: Plugins, console: Console, main: bool) 
 
 def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Console | None,
                    code: dict[str, str] | None = None, upstream: dict[str, str] | None = None
-                   ) -> dict[str, Any] | None:
+                   ) -> tuple[dict[str, Any] | None, str]:
     """``DONE.json``'s content if the stage finished with these settings and its export is
     whole; ``None`` if it has to run (or be finalised again from its checkpoint). A
     ``DONE.json`` that does not read, or an export that is missing, cut short or corrupt,
     is reported and set aside (every rank sees the same files and decides alike). A stage
     whose plugin code changed since (``code``, :func:`rlhfkit.provenance.stage_code`), or
     that was trained after another finish of an earlier stage than the one its directory
-    holds now (``upstream``: earlier stage -> the id of its finish), runs again from the start."""
+    holds now (``upstream``: earlier stage -> the id of its finish), runs again from the start:
+    the second value says why (every rank then ignores the checkpoints; rank 0 sets them aside)."""
     done = stage_dir / DONE_NAME
     if not done.exists():
-        return None
+        return None, ""
     info, why = read_json_file(done, ("fingerprint", "summary"))
     if info is not None:
         _check_same(stage, stage_dir, info.get("fingerprint"), fingerprint, "finished")
@@ -213,12 +215,12 @@ def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Con
                 console.print(f"[yellow]stage {stage.name}[/]: finished, but {reason}; running it again",
                               highlight=False)
                 _set_aside(stage_dir)
-            return None
+            return None, reason
         if info.get("export") is None and "export" not in info["summary"]:
-            return info  # a stage that writes no model (an evaluation)
+            return info, ""  # a stage that writes no model (an evaluation)
         why = verify_export(stage_dir / "export", info.get("export"))
         if not why:
-            return info
+            return info, ""
         why = f"its export is not whole: {why}"
     else:
         why = f"{done} is {why}"
@@ -226,7 +228,7 @@ def finished_stage(stage: Stage, stage_dir: Path, fingerprint: str, console: Con
         console.print(f"[yellow]stage {stage.name}[/]: marked finished, but {why}; finishing it again from its "
                       f"last checkpoint", highlight=False)
         os.replace(done, stage_dir / f".{DONE_NAME}.old-{os.getpid()}")  # removed as stale on the next start
-    return None
+    return None, ""
 
 
 def _set_aside(stage_dir: Path) -> None:
@@ -240,13 +242,14 @@ def _set_aside(stage_dir: Path) -> None:
 
 def run_stage(recipe: Recipe, stage: Stage, plugins: Plugins, exports: dict[str, Path],
               fingerprint: str, console: Console, code: dict[str, str] | None = None,
-              upstream: dict[str, str] | None = None) -> dict[str, Any]:
+              upstream: dict[str, str] | None = None, fresh: bool = False) -> dict[str, Any]:
     stage_dir = recipe.run_dir / stage.name
     state_file = stage_dir / STATE_NAME
     rank = process_rank()
     warn = (lambda text: console.print(f"[yellow]warning[/]: {text}", highlight=False)) if rank == 0 else \
         (lambda text: None)
-    checkpoint = latest_checkpoint(stage_dir / "checkpoints", warn)
+    # fresh: the stage runs again from the start (its code, or an earlier stage, changed)
+    checkpoint = None if fresh else latest_checkpoint(stage_dir / "checkpoints", warn)
     if checkpoint is not None:
         state, why = read_json_file(state_file, ("fingerprint",))
         if state is None:
