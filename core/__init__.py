@@ -31,6 +31,7 @@ from rlhfkit.interfaces import (
     Rollout,
     Row,
     Task,
+    row_fields,
     score_rows,
 )
 from rlhfkit.plugin_manager import Plugins, hookimpl, load_plugins
@@ -164,6 +165,7 @@ __all__ = [
     "rank_seed",
     "ref",
     "render_prompt",
+    "row_fields",
     "score_rows",
     "set_chat_mode",
     "shared_prompt_mask",

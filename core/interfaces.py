@@ -8,6 +8,7 @@ real response tokens up to and including EOS, 0 on padding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +321,11 @@ class RewardSource(Protocol):
         ...
 
 
+def row_fields(row: Any) -> dict[str, Any]:
+    """A row's other columns (``Prompt.fields``), ``{}`` for rows that keep none."""
+    return dict(getattr(row, "fields", None) or {})
+
+
 def score_rows(source: RewardSource, prompts: Sequence[PromptText], responses: Sequence[str],
                fields: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
     """``source.score(prompts, responses)``, with ``fields=`` when given and the source's
@@ -329,7 +335,17 @@ def score_rows(source: RewardSource, prompts: Sequence[PromptText], responses: S
     return source.score(prompts, responses)
 
 
-def _takes_fields(function: Any) -> bool:
+def _takes_fields(method: Any) -> bool:
+    function = getattr(method, "__func__", method)
+    try:
+        return _signature_takes_fields(function)
+    except TypeError:  # an unhashable callable: look at it each time
+        return _signature_takes_fields.__wrapped__(function)
+
+
+@functools.cache
+def _signature_takes_fields(function: Any) -> bool:
+    """Per function, not per call: scoring runs every iteration."""
     import inspect
 
     try:

@@ -36,7 +36,7 @@ from rlhfkit.interfaces import (
     Rollout,
 )
 from rlhfkit.plugin_manager import Plugins, load_plugins
-from rlhfkit.registry import CAPABILITIES, ComponentSpec, provides, ref
+from rlhfkit.registry import ComponentSpec, provides, ref
 
 __all__ = [
     "ContractError",
@@ -267,7 +267,7 @@ def _scalar(spec: ComponentSpec, what: str, term: Any) -> torch.Tensor:
     if not isinstance(term.loss, torch.Tensor) or term.loss.dim() != 0:
         _fail(spec, f"{what} must return a scalar loss tensor, got {getattr(term.loss, 'shape', term.loss)!r}")
     _finite_on(spec, f"{what}'s loss", term.loss)
-    _metrics(spec, what, {k: v for k, v in term.metrics.items()})
+    _metrics(spec, what, term.metrics)
     return term.loss
 
 
@@ -380,7 +380,7 @@ def _reward(spec: ComponentSpec, reward: Any, plugins: Plugins) -> None:
     if not isinstance(scores, torch.Tensor) or scores.shape != (3,):
         _fail(spec, f"score must return a [B] = [3] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
     _finite_on(spec, "scores", scores.float())
-    if spec.kind in CAPABILITIES and provides(reward, "to"):
+    if provides(reward, "to"):
         reward.to("cpu")
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,74 +23,17 @@ from pydantic import (
 )
 
 from rlhfkit import Conversation, Feedback, Preference, Prompt, PromptCompletion, Ranking, Row
-
-
-def _not_blank(text: str) -> str:
-    # Text is kept verbatim (a leading space can matter to a tokenizer); only rows with
-    # nothing to learn from are rejected.
-    if not text or text.isspace():  # isspace: no copy of a long text, unlike strip()
-        raise ValueError("is empty or only whitespace")
-    return text
-
-
-#: A string with at least one non-whitespace character, kept as it is.
-Text = Annotated[str, AfterValidator(_not_blank)]
-
-#: The roles a message may have.
-ROLES = ("system", "user", "assistant")
-
-
-def _messages(value: list[Any]) -> tuple[dict[str, str], ...]:
-    """A list of ``{"role", "content"}`` messages, checked; other keys are dropped."""
-    if not value:
-        raise ValueError("is an empty list of messages")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as the row's problem
-                f"[{i}] must be a message ({{\"role\": ..., \"content\": ...}}), got {_preview(message)}")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"[{i}].role must be one of {', '.join(ROLES)}, got {_preview(role)}")
-        if not isinstance(content, str) or not content or content.isspace():
-            raise ValueError(f"[{i}].content must be non-empty text, got {_preview(content)}")
-        out.append({"role": role, "content": content})
-    roles = [m["role"] for m in out]
-    if "system" in roles[1:]:
-        raise ValueError(f"may have a system message only first, got roles {roles}")
-    return tuple(out)
-
-
-def _prompt(value: Any) -> str | tuple[dict[str, str], ...]:
-    """Text, or a conversation the model answers next (TRL's conversational prompt): ends
-    with a user message."""
-    if isinstance(value, str):
-        return _not_blank(value)
-    if isinstance(value, list):
-        messages = _messages(value)
-        if messages[-1]["role"] != "user":
-            raise ValueError(f"must end with a user message (the model answers it), got roles "
-                             f"{[m['role'] for m in messages]}")
-        return messages
-    raise ValueError(f"must be text or a list of messages, got {_preview(value)}")
-
-
-def _reply(value: Any) -> str:
-    """A response: text, or TRL's conversational completion, one assistant message."""
-    if isinstance(value, str):
-        return _not_blank(value)
-    if isinstance(value, list):
-        messages = _messages(value)
-        if len(messages) != 1 or messages[0]["role"] != "assistant":
-            raise ValueError(f"must be text or one assistant message, got roles {[m['role'] for m in messages]}")
-        return messages[0]["content"]
-    raise ValueError(f"must be text or a list with one assistant message, got {_preview(value)}")
-
-
-#: A prompt: text, or a list of messages ending with the user's (kept as a tuple of dicts).
-PromptField = Annotated[Any, AfterValidator(_prompt)]
-#: A response: text, or a list holding one assistant message (read as its text).
-ReplyField = Annotated[Any, AfterValidator(_reply)]
+from rlhfkit.plugins.datasets.fields import (
+    PromptField,
+    ReplyField,
+    Text,
+    as_label,
+    as_messages,
+    as_reply,
+    preview,
+    split_common_messages,
+    split_common_prompt,
+)
 
 
 class _Record(BaseModel):
@@ -129,16 +71,16 @@ class PreferenceRecord(_Record):
     @classmethod
     def _text_or_messages(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return list(_messages(value))
+            return list(as_messages(value))
         if not isinstance(value, str):  # pydantic reports ValueError as the row's problem
-            raise ValueError(f"must be text or a list of messages, got {_preview(value)}")  # noqa: TRY004
+            raise ValueError(f"must be text or a list of messages, got {preview(value)}")  # noqa: TRY004
         return value
 
     @model_validator(mode="after")
     def _implicit_prompt(self) -> PreferenceRecord:
         chosen, rejected = self.chosen, self.rejected
         if self.prompt is not None:
-            self.chosen, self.rejected = _reply(chosen), _reply(rejected)
+            self.chosen, self.rejected = as_reply(chosen), as_reply(rejected)
         elif isinstance(chosen, str) and isinstance(rejected, str):
             self.prompt, self.chosen, self.rejected = split_common_prompt(chosen, rejected)
         elif isinstance(chosen, list) and isinstance(rejected, list):
@@ -154,69 +96,10 @@ class PreferenceRecord(_Record):
                           margin=self.margin)
 
 
-def split_common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """``(prompt, chosen rest, rejected rest)``: the prompt is the texts' common
-    beginning up to the last whitespace before the first character where they differ; the
-    whitespace stays with the responses."""
-    same = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        same += 1
-    if same == len(chosen) == len(rejected):
-        raise ValueError("has no prompt field, and chosen and rejected are the same text")
-    cut = max((i for i in range(same) if chosen[i].isspace()), default=0)  # a word boundary before they differ
-    prompt, rest_chosen, rest_rejected = chosen[:cut], chosen[cut:], rejected[cut:]
-    if not prompt.strip():
-        raise ValueError("has no prompt field (map the file's prompt column to it with columns: {COLUMN: "
-                         "prompt}), and chosen and rejected do not begin with a common prompt (TRL's "
-                         "implicit-prompt format)")
-    if not rest_chosen.strip() or not rest_rejected.strip():
-        raise ValueError("has no prompt field, and after their common beginning chosen or rejected is empty; "
-                         "add a prompt field")
-    return prompt, rest_chosen, rest_rejected
-
-
-def split_common_messages(chosen: list[dict[str, str]], rejected: list[dict[str, str]]
-                          ) -> tuple[tuple[dict[str, str], ...], str, str]:
-    """``(prompt messages, chosen reply, rejected reply)`` of two conversations that share
-    every message but their last, an assistant reply each (TRL's conversational implicit
-    prompt)."""
-    if len(chosen) < 2 or len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
-        raise ValueError("has no prompt field, and chosen and rejected are not the same conversation up to "
-                         "their last message (TRL's implicit-prompt format); add a prompt field")
-    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise ValueError("has no prompt field, and chosen or rejected does not end with an assistant message")
-    prompt = tuple(chosen[:-1])
-    _prompt(list(prompt))  # ends with the user's message
-    if chosen[-1] == rejected[-1]:
-        raise ValueError("has no prompt field, and chosen and rejected are the same conversation")
-    return prompt, chosen[-1]["content"], rejected[-1]["content"]
-
-
-#: How a label may be written, in any case and with surrounding spaces (CSV holds only text).
-LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _label(value: Any) -> bool:
-    """``True`` for a desirable completion: a bool, the number 1 or 0, or a word of
-    :data:`LABEL_WORDS`; anything else is an error rather than a guess."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
-        return LABEL_WORDS[value.strip().lower()]
-    if value is None:
-        raise ValueError("is null; give true (desirable) or false (undesirable)")
-    raise ValueError(f"must be true (desirable) or false (undesirable); 1/0 and the strings "
-                     f"true/false, 1/0, yes/no are read too, got {_preview(value)}")
-
-
 class FeedbackRecord(_Record):
     prompt: PromptField
     completion: ReplyField
-    label: Annotated[bool, BeforeValidator(_label)]
+    label: Annotated[bool, BeforeValidator(as_label)]
 
     def to_row(self) -> Row:
         return Feedback(prompt=self.prompt, completion=self.completion, desirable=self.label)
@@ -384,16 +267,10 @@ def describe_problem(error: ValidationError, column_of: dict[str, str]) -> tuple
             # "Input should be a valid string" -> "should be a valid string"
             message = err["msg"].replace(" after validation", "")
             message = message[message.find("should"):] if "should" in message else message
-            parts.append(f"field {label} {message}, got {_preview(value)}")
+            parts.append(f"field {label} {message}, got {preview(value)}")
     return "; ".join(parts), missing
 
 
 def _suffix(rest: list[Any]) -> str:
     """The rest of an error location: ``[2, 'role']`` → ``[2].role``."""
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
-
-
-def _preview(value: Any) -> str:
-    text = repr(value)
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    return f"{type(value).__name__} {shown}"

@@ -27,6 +27,7 @@ from rlhfkit import (
     log_step,
     optimizer_step,
     provides,
+    row_fields,
     score_rows,
     step_loader,
     total_steps,
@@ -101,7 +102,7 @@ class DirectPreference(L.LightningModule):
                                 "precomputed; set algorithm.reference_logps: on-the-fly")
             prompt_rows = context.component("data").rows()
             self.rows: list[Any] = [self._prompt_of(r) for r in prompt_rows]  # prompts
-            self.prompt_fields = [dict(getattr(r, "fields", None) or {}) for r in prompt_rows]
+            self.prompt_fields = [row_fields(r) for r in prompt_rows]
         else:
             self.rows = _pairs(context.component("data").rows(), "data")
         self.unpaired = bool(self.rows) and isinstance(self.rows[0], Feedback)  # KTO on Feedback rows: unpaired.py

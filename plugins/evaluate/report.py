@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from rlhfkit import StageContext, UserError, logprobs_from_logits, prompt_display, provides, score_rows
+from rlhfkit import (
+    StageContext,
+    UserError,
+    logprobs_from_logits,
+    prompt_display,
+    provides,
+    row_fields,
+    score_rows,
+)
 from rlhfkit.files import atomic_write_text
 from rlhfkit.plugins.evaluate import EvaluateConfig
 from rlhfkit.plugins.ppo.rollout import response_logits
@@ -72,7 +80,7 @@ class Evaluate:
         prompt_rows = _rows(context.component("prompts"), "prompts", "prompt")[: config.prompts]
         self.prompts = [r.prompt for r in prompt_rows]
         #: each prompt row's other columns, for reward sources that read them
-        self.fields = [dict(getattr(r, "fields", None) or {}) for r in prompt_rows]
+        self.fields = [row_fields(r) for r in prompt_rows]
         text = context.component("text")
         self.text = _rows(text, "text", "completion") if text is not None else []
         pairs = context.component("pairs")

@@ -33,6 +33,7 @@ from rlhfkit import (
     masked_var,
     optimizer_step,
     provides,
+    row_fields,
     score_rows,
     write_samples,
 )
@@ -77,11 +78,11 @@ class PPO(L.LightningModule):
         rows = context.component("data").rows()
         self.prompts = [prompt_of(r) for r in rows]
         #: each prompt row's other columns, passed to reward sources that read them
-        self.prompt_fields = [dict(getattr(r, "fields", None) or {}) for r in rows]
+        self.prompt_fields = [row_fields(r) for r in rows]
         eval_data = context.component("eval_data")
         eval_rows = eval_data.rows()[: config.eval_prompts] if eval_data else []
         self.eval_prompts = [prompt_of(r) for r in eval_rows]
-        self.eval_fields = [dict(getattr(r, "fields", None) or {}) for r in eval_rows]
+        self.eval_fields = [row_fields(r) for r in eval_rows]
         self.updates, self.iterations = schedule.plan(config, self.section, len(self.prompts))
         self.total_steps = self.iterations * self.updates
         for part in [self.estimator, *self.constraints]:
