@@ -4,7 +4,15 @@ The public API that plugins may import. Everything else is internal.
 """
 
 from rlhfkit.context import StageContext
-from rlhfkit.errors import DataError, NonFiniteError, PluginError, Problem, RecipeError, UserError
+from rlhfkit.errors import (
+    DataError,
+    EngineError,
+    NonFiniteError,
+    PluginError,
+    Problem,
+    RecipeError,
+    UserError,
+)
 from rlhfkit.files import atomic_directory, atomic_write_text, write_samples
 from rlhfkit.interfaces import (
     Advantages,
@@ -12,9 +20,11 @@ from rlhfkit.interfaces import (
     Constraint,
     Conversation,
     Dataset,
+    Engine,
     Estimator,
     Feedback,
     FeedbackBatch,
+    Generation,
     LossTerm,
     Messages,
     Objective,
@@ -97,9 +107,12 @@ __all__ = [
     "Conversation",
     "DataError",
     "Dataset",
+    "Engine",
+    "EngineError",
     "Estimator",
     "Feedback",
     "FeedbackBatch",
+    "Generation",
     "LossTerm",
     "Messages",
     "NonFiniteError",

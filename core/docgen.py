@@ -20,7 +20,9 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
         "need not be contiguous and may hold one sample), `values` `[B, T]` with a critic, `extras`; returns "
         "`advantages` `[B, T]` and, with a critic, `returns` `[B, T]`; padding may hold anything (NaN): select "
         "with `torch.where`, never multiply by the mask. Metrics: `advantage/raw_mean`, `advantage/raw_std` "
-        "before any whitening, `group/*` for group statistics")),
+        "before any whitening, `group/*` for group statistics. Class attributes `needs_reference` and "
+        "`needs_old_logprobs` (default True) say whether it reads `rollout.ref_logprobs` and `rollout.logprobs`; "
+        "declared False, the algorithm skips those forwards when nothing else reads them")),
     ("estimator", "prepare"): (
         "prepare(rollout: Rollout) -> None",
         ("no grad, on the rank's share before gathering: fill `rollout.values` `[B, T]` or `rollout.extras[key]` "
@@ -38,7 +40,9 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
     ("constraint", "shape_rewards"): (
         "shape_rewards(rollout: Rollout) -> dict[str, float] | None",
         ("in place, before the scores are placed on the last token: change `rollout.scores` `[B]` and/or "
-        "`rollout.rewards` `[B, T]` (padding may hold NaN: select, do not multiply); return metrics")),
+        "`rollout.rewards` `[B, T]` (padding may hold NaN: select, do not multiply); return metrics. Class "
+        "attributes `needs_reference` (reads `ref_logprobs`, here or in `loss`) and `needs_old_logprobs` (reads "
+        "`rollout.logprobs` here or in `after_update`) default to True; declare False what you do not read")),
     ("constraint", "loss"): (
         "loss(minibatch: Rollout, output: PolicyOutput) -> LossTerm | None",
         ("a term added to each minibatch's policy loss: `output.logprobs` `[B, T]` with grad (0 on padding), "
@@ -54,6 +58,20 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
         "score(prompts, responses[, fields=...]) -> Tensor [B]",
         ("float scores; a prompt is text or a conversation (a sequence of `{role, content}` messages); "
         "`fields` (one dict per pair: the prompt rows' other columns) only when `score` takes it")),
+    ("engine", "generate"): (
+        "generate(prompt_ids, prompt_mask, sampling: SamplingSettings, *, seeds, greedy=False) -> Generation",
+        ("`prompt_ids`, `prompt_mask` `[B, P]` left-padded; one response per row, row `i` seeded by `seeds[i]` "
+        "(a sample should depend on its seed and prompt alone); returns `response_ids` `[B, T]` right-padded "
+        "with PAD, `response_mask` `[B, T]` (1 up to and including the first EOS) and `logprobs` `[B, T]` of "
+        "the sampled tokens on `logits / temperature` (0 on padding; `None` if the engine has none)")),
+    ("engine", "start"): ("start(policy) -> None", ("once, before the first `generate` (after any resume): the "
+                          "policy's `model` and `tokenizer`; an engine with its own copy loads the weights here")),
+    ("engine", "sync"): ("sync(policy) -> None", ("before a rollout, whenever an optimizer step changed the policy "
+                         "since the engine's last one: take the current weights (LoRA merged)")),
+    ("engine", "check"): ("check(gap: float, where: str) -> None", ("after the first update of an iteration, with the "
+                          "mean absolute engine-vs-trainer log-prob gap of its minibatch (`mismatch/*` metrics): "
+                          "raise `rlhfkit.EngineError` when the engine's weights cannot be the policy's")),
+    ("engine", "close"): ("close() -> None", "at the end of the stage and when it fails: stop what `start` started"),
     ("reward", "to"): ("to(device) -> self", "move models it holds to the training device"),
     ("reward", "evaluate"): ("evaluate(prompts, responses) -> dict[str, float]",
                              "extra evaluation metrics (a task's gold scorer), logged as `task/*`"),
@@ -62,7 +80,8 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
     ("objective", "__call__"): (
         "__call__(...) -> LossTerm",
         ("by tag: `policy-loss`: `(minibatch: Rollout, output: PolicyOutput)`, reads `minibatch.logprobs` "
-        "(old) and `advantages` `[B, T]`, metrics `policy/*`; `preference-loss`: `(batch: PreferenceBatch)`, "
+        "(old) and `advantages` `[B, T]` (and `engine_logprobs`, the sampler's, or `None`), class attribute "
+        "`needs_reference` (reads `minibatch.ref_logprobs`; default True), metrics `policy/*`; `preference-loss`: `(batch: PreferenceBatch)`, "
         "and with tag `unpaired` also `(batch: FeedbackBatch)`, class attributes `needs_reference` (default "
         "True) and `needs_mismatched`, metrics `dpo/*` (`dpo/loss` is the console's headline); "
         "`reward-model-loss` / `reward-model-regularizer`: `(batch: RewardBatch)`, `needs_lm = True` fills "

@@ -57,3 +57,8 @@ class NonFiniteError(UserError):
         self.what, self.step, self.detail = what, step, detail
         at = f" at step {step}" if step is not None else ""
         super().__init__(f"{what} became NaN/Inf{at}" + (f" ({detail})" if detail else ""))
+
+
+class EngineError(UserError):
+    """A generation engine failed to start, died or answered with an error; says which
+    engine, why (the end of its log) and where its full log is."""

@@ -105,14 +105,21 @@ class Rollout:
         prompt_mask: ``[B, P]`` 1 on real prompt tokens.
         response_ids: ``[B, T]`` right-padded sampled tokens.
         response_mask: ``[B, T]`` 1 on response tokens up to and including EOS.
-        logprobs: ``[B, T]`` log pi_old of the sampled tokens at rollout time (on
-            ``logits / temperature``), 0 on padding.
+        logprobs: ``[B, T]`` log pi_old of the sampled tokens (on ``logits /
+            temperature``), 0 on padding: the trainer's forward at rollout time, or, for
+            the rows of an iteration's first minibatch, that update's own forward (the
+            policy has not moved yet, so they are the same numbers; the algorithm fills
+            them in before any loss reads them, see docs/ppo-details.md#forwards).
         prompts, responses: the prompts (text or conversations, as the data gave them) and
             the decoded responses, for reward sources and logging.
         group: ``[B]`` index of the prompt each sample came from (group sampling: the
             samples of one prompt share it).
         truncated: ``[B]`` True where the response hit the length limit without EOS.
-        ref_logprobs: ``[B, T]`` log pi_ref, filled in after sampling.
+        ref_logprobs: ``[B, T]`` log pi_ref, filled in after sampling when a component
+            reads it (``needs_reference``), else ``None``.
+        engine_logprobs: ``[B, T]`` the generation engine's log-probs of the sampled
+            tokens (same ``logits / temperature``), 0 on padding; ``None`` when the
+            engine gives none. Their gap to ``logprobs`` is the train/inference mismatch.
         values: ``[B, T]`` critic values at rollout time (estimators with a critic).
         scores: ``[B]`` sequence scores: the reward source's, then as constraints shape
             them (normalise, clip, missing-EOS penalty).
@@ -135,6 +142,7 @@ class Rollout:
     group: torch.Tensor
     truncated: torch.Tensor
     ref_logprobs: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
@@ -304,6 +312,44 @@ class Policy(Protocol):
     def export(self, directory: Path) -> None:
         """Write the model and tokenizer in transformers format (safetensors)."""
         ...
+
+
+@dataclass
+class Generation:
+    """What a generation engine returns for ``B`` left-padded prompts.
+
+    Attributes:
+        response_ids: ``[B, T]`` sampled tokens, right-padded with PAD (``T <=
+            max_new_tokens``).
+        response_mask: ``[B, T]`` 1 up to and including each row's first EOS (all ones
+            when a row never emitted one).
+        logprobs: ``[B, T]`` the engine's log-probs of the sampled tokens on ``logits /
+            temperature`` of the full distribution (top-k/top-p do not renormalise
+            them: the convention the trainer's forward uses), 0 on padding; ``None`` for
+            an engine that cannot give them.
+    """
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Samples responses for an algorithm (kind ``engine``: ``hf``, ``vllm``).
+
+    ``start(policy)`` comes first, once, with the policy (``model``, ``tokenizer``) whose
+    weights it samples from. ``generate`` samples one response per prompt row; every row
+    ``i`` is seeded by ``seeds[i]``, so a response depends on its seed and its prompt
+    alone where the engine allows (not on the batch it came in, nor on the number of
+    devices). ``sync(policy)`` is called before a rollout whenever the policy changed
+    since the last one: the engine then samples from the trained weights. Optional:
+    ``close()`` at the end of the stage (or when it fails), ``check(policy, generation,
+    prompt_ids, prompt_mask)`` to compare its log-probs with the trainer's.
+    """
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Any, *,
+                 seeds: Sequence[int], greedy: bool = False) -> Generation: ...
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from rlhfkit.errors import PluginError, UserError
 KINDS: tuple[str, ...] = (
     "algorithm",
     "policy",
+    "engine",
     "reward",
     "estimator",
     "constraint",
@@ -43,9 +44,11 @@ CAPABILITIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                    frozenset({"shape_rewards", "loss", "after_update", "bind", "state_dict", "load_state_dict"})),
     "reward": (frozenset({"score"}), frozenset({"to", "evaluate", "score_terms"})),
     "objective": (frozenset({"__call__"}), frozenset()),
+    "engine": (frozenset({"generate"}), frozenset({"start", "sync", "close", "check"})),
 }
 #: Capabilities that change no result on their own: a slot that does not call them loses nothing.
-NEUTRAL = frozenset({"bind", "state_dict", "load_state_dict", "to", "score_terms"})
+NEUTRAL = frozenset({"bind", "state_dict", "load_state_dict", "to", "score_terms", "start", "sync", "close",
+                     "check"})
 #: What each capability does, in the words of an error message.
 DOES = {"shape_rewards": "shapes rewards (shape_rewards)", "loss": "adds a loss term (loss)",
         "after_update": "acts after each update (after_update)", "prepare": "prepares rollouts (prepare)",

@@ -46,12 +46,12 @@ def test_sft_dpo_grpo_evaluate_feed_the_chat_template_ids(tmp_path, monkeypatch)
     seen: dict[str, list[list[int]]] = {}
     sft_rows: list[tuple[list[int], list[int]]] = []
 
-    generate_ids = TransformersPolicy.generate_ids
+    policy_sample = TransformersPolicy.sample  # what every engine-less and hf-engine sampling goes through
 
     def spy_generate(self, prompt_ids, prompt_mask, **kwargs):
         for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
             seen.setdefault(_caller(), []).append([i for i, m in zip(ids, mask, strict=True) if m])
-        return generate_ids(self, prompt_ids, prompt_mask, **kwargs)
+        return policy_sample(self, prompt_ids, prompt_mask, **kwargs)
 
     sequence_logps = dpo_module.sequence_logps
 
@@ -75,7 +75,7 @@ def test_sft_dpo_grpo_evaluate_feed_the_chat_template_ids(tmp_path, monkeypatch)
                              [i for i, lab in zip(ids, labels, strict=True) if lab]))
         return token_nll(model, batch)
 
-    monkeypatch.setattr(TransformersPolicy, "generate_ids", spy_generate)
+    monkeypatch.setattr(TransformersPolicy, "sample", spy_generate)
     monkeypatch.setattr(dpo_module, "sequence_logps", spy_logps)
     monkeypatch.setattr(sft_module, "token_nll", spy_nll)
 

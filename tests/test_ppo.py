@@ -131,13 +131,18 @@ def test_kill_and_resume_gives_the_same_run(tmp_path, exports):
                 assert rows_b[step][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, name)
 
 
-@pytest.mark.parametrize("devices", [2])
-def test_ddp_matches_one_process(tmp_path, exports, devices):
+KL_IN_LOSS = "[{name: kl, coef: 0.05, placement: loss}]"
+
+
+@pytest.mark.parametrize(("devices", "constraints"), [(2, KL_ONLY), (2, KL_IN_LOSS)])
+def test_ddp_matches_one_process(tmp_path, exports, devices, constraints):
     """Two CPU processes (gloo) against one: the rollouts are the same (each generate
     call is seeded by iteration and call), so rewards, KL and gold agree within 1e-4
     and every step's losses within 1e-3 relative (float summation order differs in the
-    all-reduce and in forwards over differently padded batches)."""
-    recipe = write_recipe(tmp_path, exports, KL_ONLY)
+    all-reduce and in forwards over differently padded batches). With the KL in the loss
+    nothing reads the old log-probs before the updates: the first minibatch's come from
+    its update, each rank its own rows, gathered for the second epoch's minibatches."""
+    recipe = write_recipe(tmp_path, exports, constraints)
     one, two = tmp_path / "one", tmp_path / "two"
     result = cli("run", recipe, f"run.dir={one}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -38,8 +38,12 @@ class KLPenalty:
     """``r_t -= β k_t`` (placement ``reward``) or ``loss += β · mean_t k_t`` (``loss``);
     β fixed or adapted after each iteration from the mean sequence KL ``Σ_t (logp − ref)``."""
 
+    needs_reference = True
+
     def __init__(self, config: KLConfig, context: StageContext):
         self.config = config
+        # the penalty in the reward and the adaptive controller read the rollout's log-probs
+        self.needs_old_logprobs = config.placement == "reward" or config.adaptive is not None
         adaptive = config.adaptive
         self.controller = (AdaptiveKLController(config.coef, adaptive.target, adaptive.horizon) if adaptive
                            else FixedKLController(config.coef))
@@ -83,6 +87,8 @@ class RewardNorm:
     """Running moments of the scores, updated with the batch before use; then
     ``r / σ`` (scale), ``(r − μ) / σ`` (normalize) or nothing, then the clip."""
 
+    needs_reference = needs_old_logprobs = False
+
     def __init__(self, config: RewardNormConfig, context: StageContext):
         self.config = config
         self.moments = RunningMoments()
@@ -108,6 +114,8 @@ class RewardNorm:
 class MissingEOS:
     """``score −= penalty`` where the response hit the length limit without EOS."""
 
+    needs_reference = needs_old_logprobs = False
+
     def __init__(self, config: MissingEOSConfig, context: StageContext):
         self.penalty = config.penalty
 
@@ -119,6 +127,8 @@ class MissingEOS:
 class EntropyBonus:
     """``loss −= c_H · H`` (bonus) or ``loss += w · |H − target|`` (MOSS), with H the
     token-mean entropy of the minibatch."""
+
+    needs_reference = needs_old_logprobs = False
 
     needs_entropy = True
 
@@ -137,6 +147,8 @@ class EntropyBonus:
 class PretrainMix:
     """``loss += γ · NLL`` of a batch of its own data (completion tokens; every token
     of prompt-less text) under the policy, at every micro-batch of the policy loss."""
+
+    needs_reference = needs_old_logprobs = False
 
     def __init__(self, config: PtxConfig, context: StageContext):
         self.config = config
@@ -169,6 +181,8 @@ class PretrainMix:
 class ReferenceEMA:
     """``θ_ref ← η θ + (1 − η) θ_ref`` every ``every``-th call of ``after_update`` (PPO:
     after each iteration; DPO: after each optimizer step, TR-DPO's soft update)."""
+
+    needs_reference = needs_old_logprobs = False
 
     def __init__(self, config: ReferenceEMAConfig, context: StageContext):
         self.rate = config.rate

@@ -65,6 +65,7 @@ SLOTS = {
                  doc="preference pairs (prompt, chosen, rejected), or with kto unpaired rows "
                                 "(prompt, completion, desirable); prompts when online"),
     "reward": Slot("reward", required=False, doc="online DPO: labels the sampled pairs (higher score is chosen)"),
+    "engine": Slot("engine", required=False, doc="online DPO: what samples the pairs, hf (default) or vllm"),
     "constraints": Slot("constraint", required=False, many=True, uses=frozenset({"after_update"}),
                         doc="after each optimizer step, e.g. TR-DPO's reference sync {name: reference-ema, rate: "
                             "0.6, every: 512}"),

@@ -27,6 +27,7 @@ from rlhfkit import (
     log_step,
     optimizer_step,
     provides,
+    ref,
     row_fields,
     score_rows,
     step_loader,
@@ -34,6 +35,7 @@ from rlhfkit import (
 )
 from rlhfkit.plugins.dpo import DPOConfig, evaluation, unpaired
 from rlhfkit.plugins.dpo.logps import PairEncoder, pair_slice, sequence_logps
+from rlhfkit.plugins.engines.sampling import EngineHandle, sample
 
 
 def _pairs(rows: Any, slot: str) -> list[Preference] | list[Feedback]:
@@ -93,6 +95,12 @@ class DirectPreference(L.LightningModule):
             if provides(constraint, "bind"):
                 constraint.bind(self)
         self.reward = context.component("reward")
+        engine = context.component("engine")
+        if engine is not None and config.online is None:
+            raise UserError("the dpo algorithm samples only online (algorithm.online); remove `engine:` from this "
+                            "offline stage, or turn on online DPO")
+        self.engine = EngineHandle(engine or context.build(ref("engine")(name="hf")), self.policy) \
+            if config.online is not None else None
         if config.online is not None:
             if self.reward is None:
                 raise UserError("online DPO (algorithm.online) labels its samples with a reward: fill the `reward:` "
@@ -154,10 +162,10 @@ class DirectPreference(L.LightningModule):
     def _online_pairs(self, prompts: list[Any], fields: list[dict[str, Any]]) -> dict[str, Any]:
         """Two sampled responses per prompt, labelled by the reward (ties are dropped: they
         carry no preference). Sampling is seeded by (seed, step, rank): resume is exact."""
-        online = self.config.online
-        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
-        responses = self.policy.generate(prompts * 2, max_new_tokens=online.max_new_tokens, do_sample=True,
-                                         temperature=online.temperature, top_k=online.top_k, top_p=online.top_p)
+        base = self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        engine = self.engine.ready(self.global_step)
+        responses = sample(self.policy, engine, prompts * 2, [base + i for i in range(2 * len(prompts))],
+                           self.config.online).responses
         first, second = responses[: len(prompts)], responses[len(prompts):]
         scores = score_rows(self.reward, prompts * 2, responses, fields * 2).float().cpu()
         a, b = scores[: len(prompts)], scores[len(prompts):]
@@ -330,6 +338,12 @@ class DirectPreference(L.LightningModule):
             self._prepare()
         self._evaluate("eval_after")
         evaluation.write_samples(self, "after")
+        if self.engine is not None:
+            self.engine.close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dpo"] = {"history": json.dumps(self.history), "precomputed": self.precomputed,

@@ -37,9 +37,11 @@ GREEDY_SCORE = "greedy_score"  # the rollout.extras key of ReMax's baseline
 
 class CriticFree:
     """What every estimator here shares: no critic (so no value loss); the advantages
-    come from the rewards alone."""
+    come from the rewards alone (never from the log-probs or the reference)."""
 
     critic = None
+    needs_reference = False
+    needs_old_logprobs = False
 
 
 class Reinforce(CriticFree):

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit import NonFiniteError, atomic_directory, encode_pairs, encode_prompts
+from rlhfkit import Generation, NonFiniteError, atomic_directory, encode_pairs, encode_prompts
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
 
 
@@ -68,21 +68,33 @@ class TransformersPolicy:
 
     # ------------------------------------------------------------------ sampling
 
-    @torch.no_grad()  # not inference_mode: the ids feed later autograd forwards (PPO)
     def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                      max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``response_ids, response_mask`` of :meth:`sample` (no log-probs)."""
+        out = self.sample(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          temperature=temperature, top_k=top_k, top_p=top_p, logprobs=False)
+        return out.response_ids, out.response_mask
+
+    @torch.no_grad()  # not inference_mode: the ids feed later autograd forwards (PPO)
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+               do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               logprobs: bool = True, cache: str = "dynamic") -> Generation:
         """Sample one response per prompt with the KV cache, in eval mode (no dropout).
 
         Args:
             prompt_ids, prompt_mask: ``[B, P]`` left-padded (see :meth:`tokenize_prompts`);
                 positions follow the mask, so padded rows are continued exactly as alone.
-            do_sample: False for greedy decoding (then temperature/top_k/top_p are unused).
+            do_sample: False for greedy decoding (then top_k/top_p are unused).
             top_k: 0 keeps every token; top_p: 1.0 keeps every token.
+            logprobs: also return each sampled token's log-prob on ``logits / temperature``
+                (the full distribution, before top-k/top-p), from the sampling forward.
+            cache: transformers' KV cache, ``dynamic`` or ``static`` (preallocated).
         Returns:
-            ``response_ids [B, T]`` right-padded with PAD (``T <= max_new_tokens``: sampling
-            stops once every row emitted EOS) and ``response_mask [B, T]``, 1 up to and
-            including each row's first EOS (everything when a row never emitted one).
+            a :class:`rlhfkit.Generation`: ``response_ids [B, T]`` right-padded with PAD
+            (``T <= max_new_tokens``: sampling stops once every row emitted EOS),
+            ``response_mask [B, T]``, 1 up to and including each row's first EOS
+            (everything when a row never emitted one), and ``logprobs [B, T]`` or None.
         """
         sampling = ({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample
                     else {})
@@ -92,12 +104,14 @@ class TransformersPolicy:
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            **sampling)
+            **({"cache_implementation": "static"} if cache == "static" else {}), **sampling)
+        recorder = _LogprobRecorder(temperature) if logprobs else None
         was_training = self.model.training
         self.model.eval()
         try:
             sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                            generation_config=generation_config)
+                                            generation_config=generation_config,
+                                            logits_processor=[recorder] if recorder else None)
         except RuntimeError as exc:  # torch.multinomial on NaN/Inf probabilities
             if "probability tensor contains" in str(exc):
                 raise NonFiniteError("the policy's sampling probabilities",
@@ -108,7 +122,8 @@ class TransformersPolicy:
         response_ids = sequences[:, prompt_ids.shape[1]:]
         response_mask = mask_after_eos(response_ids, self.tokenizer.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
-        return response_ids, response_mask
+        token_logprobs = recorder.finish(response_ids) * response_mask if recorder else None
+        return Generation(response_ids, response_mask, token_logprobs)
 
     def generate(self, prompts: Sequence[Any], *, max_new_tokens: int, do_sample: bool,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
@@ -154,3 +169,35 @@ def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tenso
     is_eos = (response_ids == eos_token_id).long()
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos
     return (eos_before == 0).long()
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Records each sampled token's log-prob on ``logits / temperature`` during
+    ``generate``, one step behind: a call sees the raw logits of step ``t`` (custom
+    processors run before transformers' temperature and top-k/top-p warpers) and the
+    token sampled at step ``t - 1`` (the last column of ``input_ids``). Holds one
+    ``[B, V]`` row of log-probs at a time, never the whole ``[B, T, V]``."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None].to(self.pending.device))[:, 0])
+            self.pending = None
+
+    def finish(self, response_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` log-probs of ``response_ids`` (the last step's token gathered here)."""
+        if response_ids.shape[1] > len(self.steps):
+            self._take(response_ids[:, len(self.steps)])
+        if not self.steps:
+            return torch.zeros(response_ids.shape, device=response_ids.device)
+        out = torch.stack(self.steps[: response_ids.shape[1]], dim=1)
+        return out.to(response_ids.device)

@@ -48,9 +48,10 @@ class PPOConfig(OptimizerSettings):
     prompts_per_iteration: int = Field(64, ge=1, description="prompts sampled per iteration, over all devices")
     samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (group sampling: GRPO, RLOO)")
     epochs: int = Field(1, ge=1, description="passes over each iteration's experience (PPO epochs)")
-    generation_batch_size: int = Field(32, ge=1, description=(
-        "prompts per generate call per device; each call's sampling is seeded by (seed, iteration, call), "
-        "so the rollouts do not depend on the number of devices"))
+    generation_batch_size: int | None = Field(None, ge=1, description=(
+        "prompts per generate call per device; default: all of the device's prompts in one call. Samples are "
+        "seeded by (seed, iteration, prompt, sample) - with the hf engine by each call's first row - so "
+        "rollouts do not depend on the number of devices when this divides each device's share"))
     max_prompt_length: int = Field(64, ge=1, description="prompt tokens kept (cut on the left)")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="how responses are sampled")
     score_position: Literal["last", "after-eos"] = Field(
@@ -61,6 +62,10 @@ class PPOConfig(OptimizerSettings):
     on_nan: Literal["stop", "skip"] | None = Field(
         None, description="a NaN/Inf reward or loss stops the run (last checkpoint intact) or skips the update; "
                           "unset: trainer.on_nan (where this setting now lives)")
+    kl_metric: bool = Field(False, description=(
+        "score the reference every iteration for the kl/ref metric even when no component reads it (one "
+        "reference forward over the rollout: ~a tenth of a GRPO iteration); with a kl constraint it is "
+        "logged anyway"))
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated at start, end and every "
                                                     "trainer.eval_every_n_steps")
     eval_greedy: bool = Field(True, description="evaluate greedy responses (else sample with `sampling`)")
@@ -94,10 +99,14 @@ class PPOClipConfig(BaseModel):
     dual_clip: float | None = Field(None, gt=1, description="dual clip c for negative advantages (verl: 3)")
     aggregation: Aggregation = Field("token-mean", description="token-mean | sequence-mean (GRPO paper) | "
                                                                "token-sum-norm (Dr.GRPO) | global-token-mean")
+    tis_cap: float | None = Field(None, gt=0, description=(
+        "truncated importance sampling on the engine's log-probs: weight each token's loss by "
+        "min(exp(old - engine), tis_cap) (verl/TRL use 2); null: off"))
 
 
 SLOTS = {
     "policy": Slot("policy", doc="the model to optimise, e.g. {name: transformers, from_stage: sft}"),
+    "engine": Slot("engine", required=False, doc="what samples the rollouts: hf (default) or vllm"),
     "reference": Slot("policy", required=False,
                       doc="the KL reference; default: a frozen copy of the initial policy (adapter off with LoRA)"),
     "reward": Slot("reward", doc="the reward optimised, e.g. {name: reward-model, from_stage: rm}"),

@@ -56,6 +56,8 @@ class GAE:
     """``δ_t = r_t + γ V_{t+1} − V_t``, ``A_t = δ_t + γλ A_{t+1}``, returns ``A + V``;
     the critic regresses the returns with an (optionally clipped) value loss."""
 
+    needs_reference = needs_old_logprobs = False  # values and rewards only
+
     def __init__(self, config: GAEConfig, context: StageContext):
         self.config = config
         self.optimizer = config.optimizer

@@ -111,6 +111,7 @@ def policy_loss(
     dual_clip: float | None = None,
     aggregation: Aggregation = "token-mean",
     constant: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip surrogate (spec §F), with asymmetric epsilon and verl's dual clip.
 
@@ -121,6 +122,8 @@ def policy_loss(
     Args:
         logprobs: ``[B, T]`` log π_θ (with grad); old_logprobs: ``[B, T]`` log π at rollout.
         advantages, mask: ``[B, T]``.
+        weights: ``[B, T]`` per-token factors of ``L_t`` (no grad), e.g. the truncated
+            importance weights of :func:`tis_weights`; ``None``: 1.
     Returns:
         ``(loss, metrics)``; metrics are 0-dim detached tensors over real tokens:
         ``policy/clip_fraction`` (share where the clipped term is strictly larger, i.e.
@@ -150,7 +153,26 @@ def policy_loss(
             kl_estimate(-log_ratio, torch.zeros_like(log_ratio), "k3"), mask
         )
         metrics["policy/kl_k1"] = masked_mean(-log_ratio, mask)
+    if weights is not None:
+        loss = loss * weights.detach().to(loss.dtype)
     return aggregate(loss, mask, aggregation, constant), metrics
+
+
+def tis_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; verl ``tis_imp_ratio_cap``, OpenRLHF,
+    TRL ``vllm_importance_sampling_cap``): the samples came from the engine's π_engine,
+    not the trainer's π_old, so each token's loss is weighted by
+    ``w_t = min(π_old / π_engine, cap) = min(exp(old − engine), cap)`` (no grad).
+
+    Returns ``([B, T] weights, 1 on padding; metrics)``: ``policy/tis_weight`` (mean
+    over real tokens) and ``policy/tis_truncated_fraction`` (share at the cap)."""
+    raw = torch.exp(_zero_padding(old_logprobs.float() - engine_logprobs.float(), mask)).detach()
+    weights = raw.clamp(max=cap)
+    return torch.where(mask.bool(), weights, torch.ones_like(weights)), {
+        "policy/tis_weight": masked_mean(weights, mask), "policy/tis_truncated_fraction":
+        masked_mean((raw > cap).float(), mask)}
 
 
 def value_loss(

@@ -33,13 +33,16 @@ from rlhfkit import (
     masked_var,
     optimizer_step,
     provides,
+    ref,
     row_fields,
     score_rows,
     write_samples,
 )
-from rlhfkit.plugins.ppo import PPOConfig, experience, schedule
+from rlhfkit.plugins.engines.sampling import EngineHandle, sample
+from rlhfkit.plugins.ppo import PPOConfig, schedule
+from rlhfkit.plugins.ppo.experience import ExperienceMaker, policy_logprobs, reference_logprobs
 from rlhfkit.plugins.ppo.functional import sequence_kl
-from rlhfkit.plugins.ppo.monitor import DOCS
+from rlhfkit.plugins.ppo.monitor import DOCS, mismatch_metrics
 from rlhfkit.plugins.ppo.rollout import concat, from_state, policy_forward, to_state
 
 
@@ -75,6 +78,7 @@ class PPO(L.LightningModule):
         self.estimator = context.component("estimator")
         self.objective = context.component("objective")
         self.constraints = context.component("constraints") or []
+        self.engine = context.component("engine") or context.build(ref("engine")(name="hf"))
         rows = context.component("data").rows()
         self.prompts = [prompt_of(r) for r in rows]
         #: each prompt row's other columns, passed to reward sources that read them
@@ -91,12 +95,16 @@ class PPO(L.LightningModule):
         self.critic = self.estimator.critic  # a submodule: trained, checkpointed, moved with the module
         self.critic_warmup = getattr(self.estimator, "warmup_iterations", 0)  # critic-only first iterations
         self.entropy_grad = any(getattr(c, "needs_entropy", False) for c in self.constraints)
+        self.maker = ExperienceMaker(self.policy, self.engine, self.reference, self.reward, self.estimator,
+                                     self.constraints, self.objective, self.gold, config, self.seed)
         self.experience: Rollout | None = None
+        self.deferred = torch.zeros(0, dtype=torch.long)  # rows whose old log-probs the first update gives
         self.skip_iteration = False
+        self.engine_handle = EngineHandle(self.engine, self.policy)
         self.history: dict[str, Any] = {}
         self.console = Console(stderr=True)
         self._warned: set[str] = set()
-        self._clock = {"rollout": 0.0, "train": 0.0, "rollout_tokens": 0, "train_tokens": 0}
+        self._clock = {"train": 0.0, "train_tokens": 0}
 
     # ------------------------------------------------------------------ sizes
     def explain(self) -> str:
@@ -130,7 +138,27 @@ class PPO(L.LightningModule):
     def greedy_scores(self, rollout: Rollout) -> torch.Tensor:
         """``[B]`` reward-source scores of greedy responses to ``rollout.prompts`` (the
         ReMax baseline), on the device; call it from an estimator's ``prepare``."""
-        return experience.greedy_scores(self, rollout)
+        return self.maker.greedy_scores(rollout, self.device)
+
+    def close_engine(self) -> None:
+        self.engine_handle.close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.close_engine()
+
+    def _make_experience(self, iteration: int, first_update: bool) -> Rollout:
+        self.engine_handle.ready(self.global_step)
+        made = self.maker.make(iteration, self.prompts, self.prompt_fields, rank=self.global_rank,
+                               world=self.trainer.world_size, batch_size=self.section.batch_size,
+                               device=self.device, on_nan=self.on_nan, step=self.global_step,
+                               first_update=first_update,
+                               prepare=self.estimator.prepare if provides(self.estimator, "prepare") else None)
+        self.skip_iteration = made.skip
+        self.deferred = made.deferred
+        for kind, message in made.warnings:
+            self._warn(kind, message)
+        self._rollout_log = made.metrics
+        return made.rollout
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned and self.trainer.is_global_zero:
@@ -142,7 +170,7 @@ class PPO(L.LightningModule):
         self._eval_mode()
         iteration, update = divmod(self.global_step, self.updates)
         if update == 0 or self.experience is None:
-            self.experience = experience.make_experience(self, iteration)
+            self.experience = self._make_experience(iteration, first_update=update == 0)
             log_now(self, {"iteration": float(iteration + 1), **self._rollout_log})
         started = time.perf_counter()
         whole, mine = schedule.minibatch(len(self.experience), self.section.batch_size, self.seed, iteration, update,
@@ -159,21 +187,30 @@ class PPO(L.LightningModule):
                                                                   self.config.advantages.clip)
         critic_only = iteration < self.critic_warmup
         sums: dict[str, torch.Tensor] = {}
-        pieces = [minibatch.select(torch.arange(i, min(i + self.section.micro_batch_size, len(minibatch))))
-                  for i in range(0, len(minibatch), self.section.micro_batch_size)]
+        spans = [torch.arange(i, min(i + self.section.micro_batch_size, len(minibatch)))
+                 for i in range(0, len(minibatch), self.section.micro_batch_size)]
+        pieces = [minibatch.select(span) for span in spans]
+        # the first update runs on the weights that sampled: its forward gives the deferred
+        # rows' old log-probs, and its gap to the engine's log-probs is the mismatch
+        first = update == 0
+        fill = torch.isin(mine, self.deferred) if first and len(self.deferred) else None
+        seen: list[tuple[torch.Tensor, torch.Tensor, Rollout]] = []
         share = self.section.batch_size // self.trainer.world_size
         # a 0-dim tensor: no host sync (only a global-token-mean loss divides by it)
         global_tokens = self.experience.response_mask[whole].sum() / (self.trainer.world_size * len(pieces))
         loss_sum = torch.zeros((), device=self.device)
         for i, piece in enumerate(pieces):
             with gradient_sync(self, last=i == len(pieces) - 1):
-                terms = self._loss_terms(piece, critic_only, global_tokens)
+                terms = self._loss_terms(piece, critic_only, global_tokens,
+                                         fill[spans[i]] if fill is not None else None, seen if first else None)
                 loss = sum(t.loss for t in terms)
                 loss_sum = loss_sum + loss.detach()  # NaN/Inf if any piece's is; checked in optimizer_step
                 self.manual_backward(loss * len(piece) / share)
             for term in terms:
                 for name, value in term.metrics.items():
                     sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32).detach() * len(piece)
+        if first:
+            self._first_update_done(mine, whole, spans, seen, fill)
         if self.skip_iteration:  # NaN/Inf scores (on_nan: skip): nothing learns from this rollout
             self.optimizers().zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=self.device)
@@ -198,9 +235,18 @@ class PPO(L.LightningModule):
             self.experience = None  # the next step samples a new rollout
             self._maybe_evaluate()
 
-    def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: torch.Tensor) -> list[LossTerm]:
+    def _loss_terms(self, piece: Rollout, critic_only: bool, global_tokens: torch.Tensor,
+                    fill: torch.Tensor | None = None, seen: list | None = None) -> list[LossTerm]:
+        """The piece's loss terms; ``fill`` (bool ``[b]``): rows whose old log-probs are
+        this forward's (deferred); ``seen`` collects ``(logprobs, mask, piece)``."""
         terms = []
         logprobs, entropy = policy_forward(self.model, piece, self.config.sampling.temperature, self.entropy_grad)
+        if fill is not None and fill.any():
+            index = fill.nonzero()[:, 0].to(logprobs.device)
+            piece.logprobs = piece.logprobs.clone()
+            piece.logprobs[index] = logprobs.detach()[index].to(piece.logprobs.dtype)
+        if seen is not None:
+            seen.append((logprobs.detach(), piece.response_mask, piece))
         output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens,
                               self.config.sampling.max_new_tokens)
         policy_terms = [self.objective(piece, output)]
@@ -218,6 +264,29 @@ class PPO(L.LightningModule):
             terms.append(self.estimator.critic_loss(piece))
         return terms
 
+    def _first_update_done(self, mine: torch.Tensor, whole: torch.Tensor, spans: list[torch.Tensor],
+                           seen: list, fill: torch.Tensor | None) -> None:
+        """After the first update's forwards: write the deferred rows' old log-probs into
+        the experience (on every rank: later epochs may train on them anywhere), log the
+        engine-vs-trainer mismatch and let the engine check it."""
+        if fill is not None:
+            mine_logprobs = torch.cat([piece.logprobs for _, _, piece in seen])
+            self.experience.logprobs[mine.to(self.experience.logprobs.device)] = mine_logprobs
+            if self.trainer.world_size > 1:
+                parts = self.all_gather(mine_logprobs)  # [world, share, T], rank order = whole's order
+                self.experience.logprobs[whole.to(parts.device)] = parts.reshape(-1, parts.shape[-1])
+            self.deferred = torch.zeros(0, dtype=torch.long)
+        with_engine = [(lp, mask, piece.engine_logprobs) for lp, mask, piece in seen
+                       if piece.engine_logprobs is not None]
+        if not with_engine:
+            return
+        metrics = mismatch_metrics(with_engine)
+        reduce = self.trainer.strategy.reduce
+        metrics = {k: float(reduce(torch.tensor(v, device=self.device),
+                                   reduce_op="max" if k.endswith("max") else "mean")) for k, v in metrics.items()}
+        log_now(self, metrics)
+        self.engine_handle.check(metrics["mismatch/logprob_abs_mean"], f"iteration at step {self.global_step + 1}")
+
     @property
     def on_nan(self) -> str:
         """``algorithm.on_nan`` where a recipe still sets it, else ``trainer.on_nan``; the
@@ -232,10 +301,12 @@ class PPO(L.LightningModule):
             reduce = self.trainer.strategy.reduce
             metrics.update({f"train/{name}": reduce(value / rows, reduce_op="mean") for name, value in sums.items()})
             metrics.update({"train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0]})
-            clock = self._clock
-            if clock["rollout"] > 0 and clock["train"] > 0:
-                metrics["speed/rollout_tokens_per_s"] = clock["rollout_tokens"] / clock["rollout"]
+            clock, made = self._clock, self.maker.clock
+            if made["rollout"] > 0 and clock["train"] > 0:
+                metrics["speed/rollout_tokens_per_s"] = made["rollout_tokens"] / made["rollout"]
                 metrics["speed/train_tokens_per_s"] = clock["train_tokens"] / clock["train"]
+            if self.engine_handle.sync_seconds > 0:
+                metrics["speed/weight_sync_s"] = self.engine_handle.sync_seconds
         if metrics:
             log_step(self, metrics)
         value_loss = metrics.get("train/value/loss")
@@ -252,10 +323,17 @@ class PPO(L.LightningModule):
         """Gold (and task) metrics, proxy reward, KL and length of responses to ``prompts``
         (``fields``: each prompt row's other columns, for the reward source)."""
         self._eval_mode()
+        self.engine_handle.ready(self.global_step)
+        per_call = self.config.generation_batch_size or len(prompts)
+        temperature = self.config.sampling.temperature
         parts = []
-        for start in range(0, len(prompts), self.config.generation_batch_size):
-            chunk = prompts[start:start + self.config.generation_batch_size]
-            parts.append(experience.sample(self, chunk, seed=self.seed + start, greedy=self.config.eval_greedy))
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            part = sample(self.policy, self.engine, chunk, [self.seed + start + i for i in range(len(chunk))],
+                          self.config.sampling, self.config.max_prompt_length, greedy=self.config.eval_greedy)
+            part.logprobs = policy_logprobs(self.model, part, temperature)
+            part.ref_logprobs = reference_logprobs(self.reference, self.model, part, temperature)
+            parts.append(part)
         rollout = concat(parts, self.policy.tokenizer.pad_token_id)
         mask = rollout.response_mask.float()
         metrics = {"proxy": float(score_rows(self.reward, rollout.prompts, rollout.responses, fields).float().mean()),
@@ -304,6 +382,7 @@ class PPO(L.LightningModule):
             self.reward.to(self.device)
         self._evaluate("eval_after")
         self._samples("after")
+        self.close_engine()
 
     # ------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
