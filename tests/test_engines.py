@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import cli
 from safetensors.torch import load_file
 
 import rlhfkit
@@ -331,10 +332,23 @@ def test_a_failing_engine_is_a_clear_error(policy, tmp_path, mode, message):
     assert engine.process is None
 
 
-def test_a_missing_interpreter_is_a_clear_error(policy, tmp_path):
-    engine = context(tmp_path).build(ref("engine")(name="vllm", python=str(tmp_path / "no-such-python")))
-    with pytest.raises(EngineError, match="could not start .*engine.python"):
-        engine.start(policy)
+def test_a_missing_interpreter_is_refused_by_validate(tmp_path):
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        run: {{name: x, dir: {tmp_path / 'run'}}}
+        stages:
+          grpo:
+            algorithm: {{name: ppo}}
+            policy: {{name: transformers, tokenizer: {{task: reviews}}, architecture: {{layers: 1}}}}
+            engine: {{name: vllm, python: {tmp_path / 'no-such-python'}}}
+            reward: {{name: gold, task: reviews}}
+            estimator: grpo
+            objective: ppo-clip
+            data: {{name: builtin, task: reviews, split: prompts}}
+        """))
+    result = cli("validate", str(recipe))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "stages.grpo.engine.python: no executable interpreter at" in result.stderr
 
 
 def test_engine_check_stops_on_a_gap_once(tmp_path):

@@ -11,9 +11,11 @@ Both return the sampled tokens and their log-probs under the engine (see
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhfkit import ComponentSpec, hookimpl, lazy
 
@@ -37,6 +39,9 @@ class VLLMEngineConfig(BaseModel):
     threads_bind: str = Field("auto", description=(
         "CPU cores of the engine (vLLM's VLLM_CPU_OMP_THREADS_BIND: auto, nobind, or e.g. 0-3); auto under "
         "several ranks gives each rank's engine its own share of this process's cores"))
+    threads: int | None = Field(None, ge=1, description=(
+        "torch/OpenMP threads of the engine process (CPU); default: vLLM's choice, which on CPU may use more "
+        "cores than threads_bind names"))
     prefix_caching: bool = Field(True, description="reuse the KV of a prompt's samples (group sampling)")
     check: Literal["first", "every", "never"] = Field(
         "first", description="compare the engine's log-probs with the trainer's forward after the first weight "
@@ -45,6 +50,20 @@ class VLLMEngineConfig(BaseModel):
         "largest allowed mean |engine - trainer| log-prob of the checked responses (fp32: ~1e-5; bf16: ~1e-2)"))
     start_timeout_s: float = Field(600.0, gt=0, description="seconds the engine may take to start")
     request_timeout_s: float = Field(3600.0, gt=0, description="seconds one request (a rollout) may take")
+
+    @field_validator("python")
+    @classmethod
+    def _executable(cls, value: str | None) -> str | None:
+        """An interpreter that exists (``~`` expanded, or a name on PATH): `validate`
+        refuses what `run` could not start."""
+        if value is None:
+            return None
+        path = os.path.expanduser(value)
+        found = shutil.which(path)
+        if found is None:
+            raise ValueError(f"no executable interpreter at {value!r}: point engine.python at the python of the "
+                             f"environment vLLM is installed in (docs/engines.md#vllm)")
+        return path
 
 
 @hookimpl

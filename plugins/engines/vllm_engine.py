@@ -95,7 +95,7 @@ class VLLMEngine:
                  "dtype": dtype, "seed": self.seed, "max_model_len": _max_positions(plain.config),
                  "prefix_caching": self.config.prefix_caching, "device": policy.device.type,
                  "kv_cache_gb": self.config.kv_cache_gb, "gpu_memory_utilization": self.config.gpu_memory_utilization,
-                 "threads_bind": bind}
+                 "threads_bind": bind, "threads": self.config.threads}
         env = dict(os.environ, VLLM_CACHE_ROOT=str(self.directory / "cache"), TMPDIR=str(self.directory / "tmp"),
                    VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         (self.directory / "tmp").mkdir(exist_ok=True)

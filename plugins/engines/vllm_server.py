@@ -39,6 +39,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(setup["kv_cache_gb"]))))
     if setup.get("threads_bind"):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = setup["threads_bind"]
+    if setup.get("threads"):  # before vLLM takes torch.set_num_threads over
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(setup["threads"])
+        torch.set_num_threads(setup["threads"])
     connection = Client(tuple(setup["address"]), authkey=bytes.fromhex(setup["key"]))
     try:
         llm = start(setup)
