@@ -1,7 +1,7 @@
 """Throughput and peak memory of one PPO iteration's phases, with same-run baselines.
 
     python benchmarks/ppo_iteration.py [--layers 2] [--hidden 128] [--prompts 64]
-        [--new-tokens 32] [--minibatch 16] [--device cpu|cuda] [--repeats 3]
+        [--new-tokens 32] [--minibatch 16] [--device cpu|cuda] [--repeats 3] [--threads N]
 
 Model: a GPT-2 of the given size on the built-in reviews task's word-level vocabulary;
 the policy, the reference and the critic each hold one copy. Phases, timed with
@@ -15,8 +15,14 @@ rlhfkit's own code paths:
   loss on the critic, backward, AdamW); baseline: plain LM training (cross-entropy,
   forward, backward, AdamW) of the same policy on the same tokens.
 
-Prints response tokens per second of each phase, the ratio against its baseline, and
-peak memory (CUDA: max allocated; CPU: the process's peak RSS, which only grows).
+Prints response tokens per second of each phase, the ratio against its baseline, the
+phase's utilisation (its model FLOPs per second over the measured matmul peak of this
+process: a ``[1024, 1024] x [1024, 1024]`` float32 product, best of 20, at the same thread
+count) and peak memory (CUDA: max allocated; CPU: the process's peak RSS, which only
+grows). Model FLOPs count ``2 x parameters`` per token through a forward (embeddings
+excluded, the LM head included), ``6 x`` for forward + backward, plus the attention
+scores ``4 x layers x hidden x context`` per token (``context`` the average position):
+the usual accounting (Kaplan et al. 2020), without recomputation.
 """
 
 from __future__ import annotations
@@ -57,6 +63,24 @@ def timed(device: torch.device, fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def matmul_peak(device: torch.device, n: int = 1024) -> float:
+    """FLOP/s of the best of 20 ``[n, n] @ [n, n]`` float32 products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds, _ = timed(device, lambda: a @ b, 20)
+    return 2 * n**3 / seconds
+
+
+def flops_per_token(model: torch.nn.Module, context: float) -> float:
+    """Forward FLOPs per token: 2 x (parameters less the input embeddings, the head counted
+    once even when tied) + the attention scores and mix, 4 x layers x hidden x context."""
+    config = model.config
+    embeddings = sum(p.numel() for name, p in model.named_parameters() if "wte" in name or "wpe" in name
+                     or "embed" in name)
+    head = config.vocab_size * config.hidden_size
+    dense = sum(p.numel() for p in model.parameters()) - embeddings + head
+    return 2 * dense + 4 * config.num_hidden_layers * config.hidden_size * context
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -66,7 +90,9 @@ def main() -> None:
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -138,15 +164,32 @@ def main() -> None:
     t_lm, _ = timed(device, lm_epoch, args.repeats)
 
     tokens = int(r.response_mask.sum())
+    peak = matmul_peak(device)
+    sequence = r.prompt_ids.shape[1] + r.response_ids.shape[1]
+    forward = flops_per_token(policy.model, sequence / 2) * len(r) * sequence  # one forward over every token
+    phases = {"rollout": 2 * forward, "scoring": 2 * forward, "train": 2 * 3 * forward, "nocache": None,
+              "lm": 3 * forward}
+    # generate without the cache re-reads the whole sequence at each new token
+    phases["nocache"] = forward / sequence * sum(r.prompt_ids.shape[1] + t for t in range(1, args.new_tokens + 1)) \
+        + forward
+
+    def use(flops: float, seconds: float) -> str:
+        return f"{100 * flops / seconds / peak:.0f} %"
+
     table = Table(title=f"one PPO iteration: GPT-2 {args.layers} layers x {args.hidden}, {args.prompts} prompts x "
-                        f"{args.new_tokens} new tokens, minibatch {args.minibatch}, {device}")
-    for column in ("phase", "response tokens/s", "baseline", "baseline tokens/s", "ratio"):
+                        f"{args.new_tokens} new tokens, minibatch {args.minibatch}, {device}; matmul peak "
+                        f"{peak / 1e9:.1f} GFLOP/s")
+    for column in ("phase", "response tokens/s", "utilisation", "baseline", "baseline tokens/s",
+                   "baseline utilisation", "ratio"):
         table.add_column(column, justify="left" if column in ("phase", "baseline") else "right")
-    table.add_row("rollout (KV cache + log-probs)", f"{tokens / t_rollout:,.0f}", "generate without KV cache",
-                  f"{tokens / t_nocache:,.0f}", f"{t_nocache / t_rollout:.2f}x")
-    table.add_row("scoring (reference + critic)", f"{tokens / t_score:,.0f}", "-", "-", "-")
-    table.add_row("train (PPO epoch, policy + critic)", f"{tokens / t_train:,.0f}", "plain LM epoch (policy only)",
-                  f"{tokens / t_lm:,.0f}", f"{t_lm / t_train:.2f}x")
+    table.add_row("rollout (KV cache + log-probs)", f"{tokens / t_rollout:,.0f}", use(phases["rollout"], t_rollout),
+                  "generate without KV cache", f"{tokens / t_nocache:,.0f}", use(phases["nocache"], t_nocache),
+                  f"{t_nocache / t_rollout:.2f}x")
+    table.add_row("scoring (reference + critic)", f"{tokens / t_score:,.0f}", use(phases["scoring"], t_score),
+                  "-", "-", "-", "-")
+    table.add_row("train (PPO epoch, policy + critic)", f"{tokens / t_train:,.0f}", use(phases["train"], t_train),
+                  "plain LM epoch (policy only)", f"{tokens / t_lm:,.0f}", use(phases["lm"], t_lm),
+                  f"{t_lm / t_train:.2f}x")
     console = Console(width=150)
     console.print(table)
     console.print(f"peak memory: {peak_memory_mb(device):,.0f} MiB "
