@@ -3,12 +3,13 @@ prompts -> tokens (the chat rule) -> the engine -> a :class:`rlhfkit.Rollout`.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from rlhfkit import Rollout, SamplingSettings
+from rlhfkit import Rollout, SamplingSettings, provides
 
 
 @torch.no_grad()
@@ -36,22 +37,18 @@ class EngineHandle:
     them (``step`` is the optimizer step the weights belong to), closed at the end."""
 
     def __init__(self, engine: Any, policy: Any):
-        from rlhfkit import provides
-
         self.engine, self.policy = engine, policy
-        self._provides = provides
         self.started = False
         self.synced_step = -1
         self.sync_seconds = 0.0
 
     def ready(self, step: int) -> Any:
-        import time
-
+        """The engine, started, holding the weights of optimizer step ``step``."""
         if not self.started:
-            if self._provides(self.engine, "start"):
+            if provides(self.engine, "start"):
                 self.engine.start(self.policy)
             self.started, self.synced_step = True, step
-        elif self.synced_step != step and self._provides(self.engine, "sync"):
+        elif self.synced_step != step and provides(self.engine, "sync"):
             started = time.perf_counter()
             self.engine.sync(self.policy)
             self.sync_seconds += time.perf_counter() - started
@@ -59,10 +56,10 @@ class EngineHandle:
         return self.engine
 
     def check(self, gap: float, where: str) -> None:
-        if self._provides(self.engine, "check"):
+        if provides(self.engine, "check"):
             self.engine.check(gap, where)
 
     def close(self) -> None:
-        if self.started and self._provides(self.engine, "close"):
+        if self.started and provides(self.engine, "close"):
             self.engine.close()
         self.started = False

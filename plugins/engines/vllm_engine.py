@@ -8,10 +8,11 @@ every rank starts its own engine (each samples its own share of the prompts, the
 the ``hf`` engine does; with ``threads_bind: auto`` each gets its share of the cores):
 no rank waits on another's rollout and a weight push never crosses ranks.
 
-Weights travel as safetensors bytes over the authenticated local connection, in the
-transformers checkpoint's names (LoRA merged into a copy), cast to the engine's dtype;
-nothing is written outside the stage directory (the engine's config, log and vLLM's
-caches live in ``<stage>/engine/``).
+Weights travel as a safetensors file in ``<stage>/engine/`` (written, memory-mapped by
+the engine, removed), in the transformers checkpoint's names (LoRA merged into a copy),
+cast to the engine's dtype; requests and answers go over the authenticated local
+connection. Nothing is written outside the stage directory (the engine's config, log and
+vLLM's caches live in ``<stage>/engine/``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def cores_of(rank: int, world: int) -> str:
 class VLLMEngine:
     """Samples with vLLM; ``sync`` pushes the policy's weights, ``check`` compares the
     engine's log-probs with the trainer's."""
+
+    seeds_per_row = True  # every request carries its own seed
 
     def __init__(self, config: VLLMEngineConfig, context: Any = None):
         self.config = config
@@ -226,8 +229,10 @@ class VLLMEngine:
             f"See {DOCS}#vllm.")
 
     def sync(self, policy: Any) -> None:
-        """Push the policy's current weights (LoRA merged) into the engine."""
-        from safetensors.torch import save
+        """Push the policy's current weights (LoRA merged) into the engine: written as one
+        safetensors file in ``<stage>/engine/`` (the page cache, in practice), read by the
+        engine with a memory map, then removed."""
+        from safetensors.torch import save_file
 
         started = time.perf_counter()
         plain = policy.plain_model()
@@ -237,9 +242,20 @@ class VLLMEngine:
                 continue  # the engine's head is its embedding: pushed once, as the checkpoint has it
             state[name] = tensor.detach().to(device="cpu", dtype=self.dtype if tensor.is_floating_point()
                                              else tensor.dtype).contiguous()
-        payload = save(state)
+        path = self.directory / "weights.safetensors"
+        partial = path.with_name("weights.safetensors.partial")
+        try:
+            save_file(state, str(partial))
+            os.replace(partial, path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise EngineError(f"could not write the weights for the vllm engine to {path}: {exc}. Free space "
+                              f"there (it holds one copy of the model while it is pushed).") from None
         del state
-        self._call({"op": "load", "weights": payload, "tied": self.tied}, "loading weights")
+        try:
+            self._call({"op": "load", "path": str(path), "tied": self.tied}, "loading weights")
+        finally:
+            path.unlink(missing_ok=True)
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - started
         self.checked = self.checked and self.config.check != "every"

@@ -10,7 +10,7 @@ plain Python values (no tensors cross, so the two sides' torch versions may diff
 - ``{"op": "generate", "prompts", "max_tokens", "temperature", "top_k", "top_p", "seeds",
   "greedy", "eos"}`` -> ``{"tokens", "logprobs"}`` per prompt and ``cpu_s``, the CPU
   seconds the server spent (every thread);
-- ``{"op": "load", "weights": safetensors bytes, "tied": bool}`` -> ``{"seconds"}``;
+- ``{"op": "load", "path": a safetensors file, "tied": bool}`` -> ``{"seconds"}``;
 - ``{"op": "close"}``.
 
 Every answer has ``ok``; a failed request answers ``{"ok": False, "error": traceback}``
@@ -117,10 +117,10 @@ def load(llm: object, request: dict) -> dict:
     derives from them at load time that a reload leaves alone: the prepacked LM head of a
     model whose head is tied to its input embeddings (the checkpoint has no head weight,
     so the reload never revisits the head)."""
-    from safetensors.torch import load as load_bytes
+    from safetensors.torch import load_file
 
     started = time.perf_counter()
-    weights = load_bytes(request["weights"])
+    weights = load_file(request["path"])
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
     model = runner.get_model()
