@@ -63,7 +63,9 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
         ("`prompt_ids`, `prompt_mask` `[B, P]` left-padded; one response per row, row `i` seeded by `seeds[i]` "
         "(a sample should depend on its seed and prompt alone); returns `response_ids` `[B, T]` right-padded "
         "with PAD, `response_mask` `[B, T]` (1 up to and including the first EOS) and `logprobs` `[B, T]` of "
-        "the sampled tokens on `logits / temperature` (0 on padding; `None` if the engine has none)")),
+        "the sampled tokens on `logits / temperature` (0 on padding; `None` if the engine has none). An engine "
+        "that cannot seed rows one by one (transformers draws a batch from one generator) sets the class "
+        "attribute `seeds_per_row = False`")),
     ("engine", "start"): ("start(policy) -> None", ("once, before the first `generate` (after any resume): the "
                           "policy's `model` and `tokenizer`; an engine with its own copy loads the weights here")),
     ("engine", "sync"): ("sync(policy) -> None", ("before a rollout, whenever an optimizer step changed the policy "

@@ -29,6 +29,7 @@ from rlhfkit.context import StageContext
 from rlhfkit.interfaces import (
     Advantages,
     FeedbackBatch,
+    Generation,
     LossTerm,
     PolicyOutput,
     PreferenceBatch,
@@ -218,7 +219,13 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
       a :class:`PreferenceBatch` (and a :class:`FeedbackBatch` when tagged ``unpaired``)
       or a reward-model loss on a :class:`RewardBatch`: a finite scalar with finite
       gradients, none on padding;
-    - ``reward``: ``score`` gives ``[B]`` finite floats.
+    - ``reward``: ``score`` gives ``[B]`` finite floats;
+    - ``engine``: ``start`` with a tiny policy (hidden 64, 2 heads: head size 32, which
+      vLLM's CPU kernels take), then ``generate`` on left-padded prompts: ``[B, T]`` ids and
+      mask (1 up to and including the first EOS, PAD after), log-probs ``<= 0`` on real
+      tokens and 0 on padding (or ``None``), the same response for the same prompt and
+      seed whatever the batch (unless the class declares ``seeds_per_row = False``);
+      ``close`` when declared.
     """
     plugins = plugins or load_plugins()
     registry = plugins.registry
@@ -233,7 +240,8 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
                             + ("" if settings else " (pass the settings it needs: check_component(kind, name, {...}))"))
     context = context or StageContext(registry=registry, stage="check", stage_dir=Path(tempfile.mkdtemp()))
     component = registry.build(reference, context)
-    checks = {"estimator": _estimator, "constraint": _constraint, "objective": _objective, "reward": _reward}
+    checks = {"estimator": _estimator, "constraint": _constraint, "objective": _objective, "reward": _reward,
+              "engine": _engine}
     if kind in checks:
         checks[kind](spec, component, plugins)
     return component
@@ -382,6 +390,49 @@ def _reward(spec: ComponentSpec, reward: Any, plugins: Plugins) -> None:
     _finite_on(spec, "scores", scores.float())
     if provides(reward, "to"):
         reward.to("cpu")
+
+
+def _engine(spec: ComponentSpec, engine: Any, plugins: Plugins) -> None:
+    from rlhfkit.recipe import SamplingSettings
+
+    context = StageContext(registry=plugins.registry, stage="check", stage_dir=Path(tempfile.mkdtemp()))
+    torch.manual_seed(0)
+    policy = context.build(ref("policy")(name="transformers", tokenizer={"task": "reviews"}, dropout=0.0,
+                                         architecture={"family": "gpt2", "layers": 1, "hidden": 64, "heads": 2}))
+    if provides(engine, "start"):
+        engine.start(policy)
+    try:
+        prompts = ["how is the lamp ?", "the printer", "my new desk is very"]
+        ids, mask = policy.tokenize_prompts(prompts)
+        sampling = SamplingSettings(max_new_tokens=8, temperature=1.0)
+        out = engine.generate(ids, mask, sampling, seeds=[11, 12, 13])
+        if not isinstance(out, Generation):
+            _fail(spec, f"generate must return a rlhfkit.Generation, got {type(out).__name__}")
+        rows, width = out.response_ids.shape
+        if rows != 3 or out.response_mask.shape != out.response_ids.shape or not 1 <= width <= 8:
+            _fail(spec, f"generate must give [3, T <= 8] ids and mask, got {tuple(out.response_ids.shape)} and "
+                        f"{tuple(out.response_mask.shape)}")
+        eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+        for i in range(rows):
+            real = out.response_ids[i][out.response_mask[i].bool()].tolist()
+            if not real or (eos in real and real.index(eos) != len(real) - 1):
+                _fail(spec, "response_mask must be 1 from the first token up to and including the first EOS")
+            if not bool((out.response_ids[i][~out.response_mask[i].bool()] == pad).all()):
+                _fail(spec, "response_ids must hold PAD after a response ends")
+        if out.logprobs is not None:
+            real = out.response_mask.bool()
+            if out.logprobs.shape != out.response_ids.shape or not bool((out.logprobs[real] <= 1e-6).all()) \
+                    or not bool(torch.isfinite(out.logprobs[real]).all()) or bool(out.logprobs[~real].any()):
+                _fail(spec, "logprobs must be [B, T], finite and <= 0 on real tokens, 0 on padding")
+        again = engine.generate(ids[1:2], mask[1:2], sampling, seeds=[12])
+        first = out.response_ids[1][out.response_mask[1].bool()].tolist()
+        per_row = getattr(engine, "seeds_per_row", True)
+        if per_row and again.response_ids[0][again.response_mask[0].bool()].tolist() != first:
+            _fail(spec, "the same prompt and seed gave another response in another batch: seed each row, or "
+                        "declare seeds_per_row = False")
+    finally:
+        if provides(engine, "close"):
+            engine.close()
 
 
 def _to(rollout: Rollout, device: str | torch.device) -> Rollout:

@@ -24,7 +24,7 @@ from rlhfkit.testing import (
 )
 
 PLUGINS = rlhfkit.load_plugins()
-KINDS = ("estimator", "constraint", "objective", "reward")
+KINDS = ("estimator", "constraint", "objective", "reward", "engine")
 BUILTINS = [(kind, name) for kind in KINDS for name in PLUGINS.registry.names(kind)]
 
 
@@ -36,6 +36,8 @@ def reward_file(tmp_path_factory):
 
 
 def settings_for(kind, name, request):
+    if (kind, name) == ("engine", "vllm"):
+        pytest.skip("needs vLLM: tests/test_vllm.py checks it (pytest -m vllm)")
     if (kind, name) == ("constraint", "ptx"):
         return {"data": {"name": "builtin", "task": "reviews", "split": "pretrain"}}
     if name == "gold":

@@ -147,7 +147,7 @@ def engine_processes(run_dir: Path) -> list[int]:
 
 
 def test_killing_the_trainer_stops_its_engine_and_a_rerun_resumes(tmp_path, exports):
-    recipe = write(tmp_path, exports, "killed", vllm_engine(check="first"), **GRPO)
+    recipe = write(tmp_path, exports, "killed", vllm_engine(check="first"), **{**GRPO, "steps": 6})
     out = tmp_path / "killed"
     process = popen("run", str(recipe), f"run.dir={out}", cwd=tmp_path)
     checkpoints = out / "rl" / "checkpoints"
@@ -162,6 +162,38 @@ def test_killing_the_trainer_stops_its_engine_and_a_rerun_resumes(tmp_path, expo
         time.sleep(0.5)
     assert not engine_processes(out), "the engine outlived its trainer"
     summary = run(recipe, out)
-    assert summary["steps"] == 16
+    assert summary["steps"] == 6
     rows = read_metrics(out / "rl" / "metrics.csv")
     assert max(column(rows, "mismatch/logprob_abs_mean").values()) < 1e-4
+
+
+def test_the_vllm_engine_keeps_the_engine_contract():
+    from rlhfkit.testing import check_component
+
+    check_component("engine", "vllm", {"python": vllm_python(), "kv_cache_gb": 0.5})
+
+
+ONLINE_DPO = """\
+run: {{name: online-dpo-vllm, seed: 0}}
+stages:
+  dpo:
+    algorithm: {{name: dpo, lr: 5.0e-4, max_length: 48, online: {{max_new_tokens: 12}}}}
+    policy: {{name: transformers, path: {sft}, dropout: 0.0}}
+    engine: {engine}
+    objective: {{name: dpo, beta: 0.1}}
+    reward: {{name: gold, task: reviews}}
+    data: {{name: builtin, task: reviews, split: prompts}}
+    trainer: {{max_steps: 4, batch_size: 16, micro_batch_size: 16, log_every_n_steps: 1}}
+"""
+
+
+def test_online_dpo_samples_through_the_same_engine(tmp_path, exports):
+    recipe = tmp_path / "online-dpo.yaml"
+    recipe.write_text(ONLINE_DPO.format(sft=exports["sft"], engine=vllm_engine()))
+    out = tmp_path / "run"
+    result = cli("run", str(recipe), f"run.dir={out}", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_metrics(out / "dpo" / "metrics.csv")
+    assert sorted(column(rows, "train/online/pairs")) == [1, 2, 3, 4]
+    log = (out / "dpo" / "engine" / "engine.log").read_text()
+    assert log.count("Reloading and processing weights took") == 4  # the start, then after each of 3 updates

@@ -20,6 +20,8 @@ class HFEngine:
     device's share of the prompts, or is unset).
     """
 
+    seeds_per_row = False  # a call draws from one generator, seeded by its first row
+
     def __init__(self, config: HFEngineConfig, context: Any = None):
         self.config = config
         self.policy: Any = None
