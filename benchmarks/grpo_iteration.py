@@ -8,7 +8,7 @@ vLLM side, an environment with vLLM (docs/engines.md).
     ~/venvs/rlhfkit-trl/bin/python benchmarks/grpo_iteration.py --threads 1 [--beta both|0|0.04]
         [--layers 4] [--hidden 256] [--heads 4] [--prompts 8] [--group 8] [--prompt-length 16]
         [--new-tokens 64] [--warmup 2] [--steps 6] [--repeats 1] [--vllm-python PATH]
-        [--sides rlhfkit,trl[,rlhfkit-vllm]]
+        [--sides rlhfkit,trl[,rlhfkit-vllm]] [--hf-cache dynamic|static]
 
 What is the same on both sides:
 - the model: one GPT-2 built from a config with a fixed seed on the built-in reviews
@@ -112,6 +112,8 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, eng
                     "gradient_clip": GRADIENT_CLIP, "log_every_n_steps": LOG_EVERY,
                     "accelerator": "gpu" if args.device == "cuda" else "cpu"},
     }
+    if engine == "hf":
+        settings["engine"] = {"name": "hf", "cache": args.hf_cache}
     if engine == "vllm":
         cores = sorted(os.sched_getaffinity(0))[: args.threads]
         settings["engine"] = {"name": "vllm", "python": args.vllm_python, "kv_cache_gb": 1.0, "check": "first",
@@ -142,7 +144,8 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, eng
         metrics["response/length"]) if "response/length" in metrics else None)
     trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [RNGState(), Clock()], logger)
     trainer.fit(module)
-    engine_peak = _peak_of(getattr(module.engine, "peak_pid", None))
+    process = getattr(module.engine, "process", None)
+    engine_peak = _peak_of(process.pid if process is not None else None)
     module.close_engine()
     return {"steps": trainer.global_step, "length": statistics.fmean(lengths[args.warmup:] or lengths),
             "engine_peak_mb": engine_peak}
@@ -293,6 +296,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--sides", default="rlhfkit,trl")
+    parser.add_argument("--hf-cache", choices=("dynamic", "static"), default="dynamic",
+                        help="the rlhfkit side's hf engine KV cache")
     parser.add_argument("--vllm-python", default=os.environ.get("RLHFKIT_VLLM_PYTHON"))
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--beta-value", type=float, help=argparse.SUPPRESS)

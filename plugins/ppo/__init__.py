@@ -64,8 +64,8 @@ class PPOConfig(OptimizerSettings):
                           "unset: trainer.on_nan (where this setting now lives)")
     kl_metric: bool = Field(False, description=(
         "score the reference every iteration for the kl/ref metric even when no component reads it (one "
-        "reference forward over the rollout: ~a tenth of a GRPO iteration); with a kl constraint it is "
-        "logged anyway"))
+        "reference forward over the rollout: ~15 % of a GRPO iteration of benchmarks/grpo_iteration.py); "
+        "with a kl constraint it is logged anyway"))
     eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated at start, end and every "
                                                     "trainer.eval_every_n_steps")
     eval_greedy: bool = Field(True, description="evaluate greedy responses (else sample with `sampling`)")
