@@ -186,15 +186,37 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ the two sides
 
 
+def build_stage(here: Path, name: str, settings: dict[str, Any]) -> tuple[Any, Any, Path]:
+    """A one-stage recipe written to ``here`` and its algorithm built as
+    ``rlhfkit.runner.run_stage`` builds it: ``(module, stage, stage directory)``."""
+    import lightning as L
+
+    from rlhfkit import StageContext, load_plugins
+    from rlhfkit.runner import quiet_libraries
+    from rlhfkit.training import rank_seed
+
+    recipe_file = here / f"{name}.yaml"
+    recipe_file.write_text(yaml.safe_dump({"run": {"name": name, "dir": str(here / "run"), "seed": SEED},
+                                           "stages": {name: settings}}, sort_keys=False))
+    quiet_libraries()
+    plugins = load_plugins()
+    recipe = plugins.load_recipe(recipe_file)
+    stage = recipe.stages[0]
+    stage_dir = recipe.run_dir / stage.name
+    L.seed_everything(rank_seed(recipe.run.seed, 0), workers=True, verbose=False)
+    torch.use_deterministic_algorithms(stage.trainer.deterministic, warn_only=True)
+    context = StageContext(registry=plugins.registry, stage=stage.name, stage_dir=stage_dir, seed=recipe.run.seed,
+                           exports={}, slots=stage.slots, trainer=stage.trainer, recipe_dir=here)
+    return plugins.registry.build(stage.algorithm, context), stage, stage_dir
+
+
 def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict[str, Any]:
     """A one-stage recipe, built and trained as ``rlhfkit.runner.run_stage`` does, less
     its checkpoint callback (no checkpoint during the timed steps, as on the TRL side)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from rlhfkit import StageContext, load_plugins
-    from rlhfkit.runner import quiet_libraries
-    from rlhfkit.training import MetricsCSV, RNGState, build_trainer, rank_seed
+    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
 
     here = Path(tempfile.mkdtemp(prefix="rlhfkit-", dir=workdir))  # each run starts afresh, never resumes
     settings = {
@@ -211,19 +233,7 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
                     "accelerator": "gpu" if args.device == "cuda" else "cpu",
                     "precision": "bf16-mixed" if args.bf16 else "32-true"},
     }
-    recipe_file = here / "dpo-step.yaml"
-    recipe_file.write_text(yaml.safe_dump({"run": {"name": "dpo-step", "dir": str(here / "run"), "seed": SEED},
-                                           "stages": {"dpo": settings}}, sort_keys=False))
-    quiet_libraries()
-    plugins = load_plugins()
-    recipe = plugins.load_recipe(recipe_file)
-    stage = recipe.stages[0]
-    stage_dir = recipe.run_dir / stage.name
-    L.seed_everything(rank_seed(recipe.run.seed, 0), workers=True, verbose=False)
-    torch.use_deterministic_algorithms(stage.trainer.deterministic, warn_only=True)
-    context = StageContext(registry=plugins.registry, stage=stage.name, stage_dir=stage_dir, seed=recipe.run.seed,
-                           exports={}, slots=stage.slots, trainer=stage.trainer)
-    module = plugins.registry.build(stage.algorithm, context)
+    module, stage, stage_dir = build_stage(here, "dpo", settings)
     first_batch: dict[str, Any] = {}
 
     class Clock(Callback):

@@ -48,12 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_step import TRL_MISSING, StepClock
+from dpo_step import TRL_MISSING, StepClock, build_stage  # the same clock, memory readings and stage
 
 LR, EPS, CLIP, GRADIENT_CLIP, LOG_EVERY, SEED = 1e-6, 1e-8, 0.2, 1.0, 10, 0
 REWARD = '''\
@@ -86,12 +85,9 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, engine: str) -> dict[str, Any]:
     import tempfile as tmp
 
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from rlhfkit import StageContext, load_plugins
-    from rlhfkit.runner import quiet_libraries
-    from rlhfkit.training import MetricsCSV, RNGState, build_trainer, rank_seed
+    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
 
     here = Path(tmp.mkdtemp(prefix="rlhfkit-", dir=workdir))
     rows = args.prompts * args.group
@@ -118,18 +114,7 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, eng
         cores = sorted(os.sched_getaffinity(0))[: args.threads]
         settings["engine"] = {"name": "vllm", "python": args.vllm_python, "kv_cache_gb": 1.0, "check": "first",
                               "threads_bind": ",".join(map(str, cores)), "threads": args.threads}
-    recipe_file = here / "grpo.yaml"
-    recipe_file.write_text(yaml.safe_dump({"run": {"name": "grpo-iteration", "dir": str(here / "run"), "seed": SEED},
-                                           "stages": {"grpo": settings}}, sort_keys=False))
-    quiet_libraries()
-    plugins = load_plugins()
-    recipe = plugins.load_recipe(recipe_file)
-    stage = recipe.stages[0]
-    stage_dir = recipe.run_dir / stage.name
-    L.seed_everything(rank_seed(recipe.run.seed, 0), workers=True, verbose=False)
-    context = StageContext(registry=plugins.registry, stage=stage.name, stage_dir=stage_dir, seed=recipe.run.seed,
-                           exports={}, slots=stage.slots, trainer=stage.trainer, recipe_dir=here)
-    module = plugins.registry.build(stage.algorithm, context)
+    module, stage, stage_dir = build_stage(here, "grpo", settings)
     clock.extra_cpu = lambda: getattr(module.engine, "engine_cpu_s", 0.0)
 
     class Clock(Callback):
