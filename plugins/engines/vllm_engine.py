@@ -64,9 +64,7 @@ class VLLMEngine:
         self.process: subprocess.Popen | None = None
         self.connection: Any = None
         self.version = ""
-        self.syncs = 0
         self.checked = False
-        self.sync_seconds = 0.0
         self.tied = False
         self.engine_cpu_s = 0.0  # CPU seconds the engine process spent generating
 
@@ -234,7 +232,6 @@ class VLLMEngine:
         engine with a memory map, then removed."""
         from safetensors.torch import save_file
 
-        started = time.perf_counter()
         plain = policy.plain_model()
         state = {}
         for name, tensor in plain.state_dict().items():
@@ -256,8 +253,6 @@ class VLLMEngine:
             self._call({"op": "load", "path": str(path), "tied": self.tied}, "loading weights")
         finally:
             path.unlink(missing_ok=True)
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - started
         self.checked = self.checked and self.config.check != "every"
 
     def check(self, gap: float, where: str) -> None:
