@@ -31,15 +31,34 @@ def labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 
 def shared_prompt_mask(segment: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``[B, L] -> [B, 1, L, L]`` attention mask of the shared-prompt layout of
-    :func:`rlhfkit.encode_preferences` (segment 1 prompt, 2 chosen, 3 rejected, 0 padding):
-    causal, never to padding, never from the rejected response to the chosen one. Boolean
-    (True: attend), or with ``additive_dtype`` 0 where attended and the dtype's minimum
-    elsewhere (for attention that adds its mask to the scores)."""
+    """``[B, L] -> [B, 1, L, L]`` attention mask of a shared-prompt layout
+    (:func:`rlhfkit.encode_preferences`: segment 1 prompt, 2 chosen, 3 rejected;
+    :func:`rlhfkit.layout_rankings`: 1 prompt, 2.. the K responses; 0 padding): causal,
+    never to padding, each response to the prompt and itself only. Boolean (True:
+    attend), or with ``additive_dtype`` 0 where attended and the dtype's minimum elsewhere
+    (for attention that adds its mask to the scores)."""
+    return segment_mask(segment, shared=1, additive_dtype=additive_dtype)
+
+
+def packed_mask(segment: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, L] -> [B, 1, L, L]`` attention mask of packed rows (several examples in one
+    row, segment ``1, 2, ...`` per example, 0 padding): causal within each example only.
+    Boolean, or additive with ``additive_dtype`` (as :func:`shared_prompt_mask`)."""
+    return segment_mask(segment, shared=None, additive_dtype=additive_dtype)
+
+
+def segment_mask(segment: torch.Tensor, shared: int | None, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Causal attention within each segment of ``segment [B, L]`` (and to the ``shared``
+    segment from every other, when given), never to padding (0). Padding columns attend
+    to every real column before them: their outputs are never read, and a query with no
+    key would give NaN attention."""
     length = segment.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     query, key = segment[:, :, None], segment[:, None, :]
-    allowed = (causal & (key != 0) & ~((query == 3) & (key == 2)))[:, None]
+    visible = (key == query) | (query == 0)
+    if shared is not None:
+        visible |= key == shared
+    allowed = (causal & (key != 0) & visible)[:, None]
     if additive_dtype is None:
         return allowed
     blocked = torch.full((), torch.finfo(additive_dtype).min, dtype=additive_dtype, device=segment.device)

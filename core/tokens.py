@@ -140,12 +140,69 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[s
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     prompt_rows = encode_prompts(tokenizer, prompts)
     completion_rows = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if add_eos else []
-    pairs = []
-    for prompt, completion in zip(prompt_rows, completion_rows, strict=True):
-        completion = (completion + eos)[:max_length]
-        pairs.append((_cut_prompt(prompt, max_length - len(completion)), completion))
+    eos = tokenizer.eos_token_id if add_eos else None
+    pairs = [cut_pair(prompt, completion, eos, max_length)
+             for prompt, completion in zip(prompt_rows, completion_rows, strict=True)]
     return _padded(pairs, tokenizer.pad_token_id)
+
+
+def cut_pair(prompt: list[int], completion: list[int], eos: int | None, max_length: int
+             ) -> tuple[list[int], list[int]]:
+    """``(prompt, completion + EOS)`` token ids cut to ``max_length`` as
+    :func:`encode_pairs` cuts them (the prompt from the left first)."""
+    completion = (completion + ([] if eos is None else [eos]))[:max_length]
+    return _cut_prompt(prompt, max_length - len(completion)), completion
+
+
+def layout_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, list[list[int]]]:
+    """:func:`encode_pairs`'s right-padded rows from cut ``(prompt, completion)`` token ids
+    (:func:`cut_pair`)."""
+    return _padded(list(pairs), pad)
+
+
+def pack_by_length(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of ``lengths`` grouped into bins of at most
+    ``capacity`` tokens (a longer item gets a bin of its own), each item into the fullest
+    bin it fits, longest items first (ties: the lower index first, the earlier bin), the
+    bins in the order they were opened and each bin's items in index order. Deterministic."""
+    import bisect
+
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the fullest bin that fits is the first >= n
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            free, b = room.pop(at)
+            bins[b].append(i)
+            bisect.insort(room, (free - n, b))
+        else:
+            bins.append([i])
+            if capacity - n > 0:
+                bisect.insort(room, (capacity - n, len(bins) - 1))
+    return [sorted(b) for b in bins]
+
+
+def layout_packed(packs: Sequence[Sequence[tuple[list[int], list[int]]]], pad: int) -> dict[str, list[list[int]]]:
+    """One right-padded row per pack of cut ``(prompt, completion)`` token ids
+    (:func:`cut_pair`), the examples one after another: ``input_ids``, ``position_ids``
+    (from 0 in each example), ``segment`` (1, 2, ... per example, 0 padding: attention
+    stays inside an example, :func:`rlhfkit.packed_mask`), ``labels_mask`` (1 on
+    completion tokens) ``[N, L]``."""
+    width = max(sum(len(p) + len(c) for p, c in pack) for pack in packs)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "segment": [], "labels_mask": []}
+    for pack in packs:
+        ids, positions, segment, labels = [], [], [], []
+        for j, (prompt, completion) in enumerate(pack, start=1):
+            ids += prompt + completion
+            positions += range(len(prompt) + len(completion))
+            segment += [j] * (len(prompt) + len(completion))
+            labels += [0] * len(prompt) + [1] * len(completion)
+        fill = width - len(ids)
+        for name, row, value in (("input_ids", ids, pad), ("position_ids", positions, 0), ("segment", segment, 0),
+                                 ("labels_mask", labels, 0)):
+            out[name].append(row + [value] * fill)
+    return out
 
 
 def encode_preferences(tokenizer: Any, prompts: Sequence[Any], chosen: Sequence[str], rejected: Sequence[str],
@@ -214,6 +271,77 @@ def layout_preferences(triples: Sequence[tuple[list[int], list[int], list[int]]]
             out[f"{side}_labels"].append(response + [0] * extra)
             out[f"{side}_source"].append([max(s, 0) for s in sources] + [0] * extra)
             out[f"{side}_scored"].append([int(s >= 0) for s in sources] + [0] * extra)
+    return out
+
+
+def tokenize_rankings(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Sequence[str]]
+                      ) -> list[tuple[list[int], list[list[int]]]]:
+    """``(prompt, [response, ...])`` token ids per ranking (K responses to one prompt),
+    as :func:`tokenize_preferences` makes them: nothing cut, no EOS yet (for
+    :func:`layout_rankings`)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} groups of completions")
+    flat = [text for group in completions for text in group]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, start = [], 0
+    for prompt, group in zip(encode_prompts(tokenizer, prompts), completions, strict=True):
+        out.append((prompt, ids[start:start + len(group)]))
+        start += len(group)
+    return out
+
+
+def layout_rankings(groups: Sequence[tuple[list[int], list[list[int]]]], eos: int, pad: int, max_length: int,
+                    shared: bool, k: int | None = None) -> dict[str, list[Any]]:
+    """Token rows of rankings (:func:`tokenize_rankings`) for scoring every response at
+    its last token (EOS). Each response + EOS is cut to ``max_length``; the prompt is cut
+    on the left to fit with the group's longest response, the same cut for every response
+    of the group (as :func:`encode_preferences` does for a pair).
+
+    ``shared=False``: ``B * k`` rows (``k``: the largest group unless given), group by
+    group, each response as its own :func:`encode_pairs` row; a group of fewer responses
+    is filled with copies of its first one. ``input_ids``, ``attention_mask``,
+    ``labels_mask`` ``[B * k, L]``.
+
+    ``shared=True``: one row per group, ``prompt, response 1, ..., response K``, right-padded:
+        ``input_ids``, ``position_ids`` (every response continues from the prompt),
+        ``segment`` (1 prompt, 2 + j response j, 0 padding: see :func:`rlhfkit.shared_prompt_mask`)
+        ``[B, L]``; ``ends [B, k]``: the column of each response's last token (0 for a
+        missing one); ``labels``, ``source``, ``scored`` ``[B, k, T]``: each response's
+        tokens, the columns whose logits predict them (the prompt's last column predicts
+        every first token) and 1 where a token has a predictor (for an LM loss on them).
+    """
+    k = k or max(len(responses) for _, responses in groups)
+    cut = []
+    for prompt, responses in groups:
+        responses = [(r + [eos])[:max_length] for r in responses]
+        cut.append((_cut_prompt(prompt, max_length - max(map(len, responses))), responses))
+    if not shared:
+        return _padded([(p, rs[j] if j < len(rs) else rs[0]) for p, rs in cut for j in range(k)], pad)
+    width = max(len(p) + sum(map(len, rs)) for p, rs in cut)
+    longest = max(len(r) for _, rs in cut for r in rs)
+    out: dict[str, list[Any]] = {name: [] for name in (
+        "input_ids", "position_ids", "segment", "ends", "labels", "source", "scored")}
+    for p, responses in cut:
+        n = len(p)
+        ids, positions, segment, ends, labels, source, scored = list(p), list(range(n)), [1] * n, [], [], [], []
+        for j in range(k):
+            response = responses[j] if j < len(responses) else []
+            start = len(ids)
+            ids += response
+            positions += range(n, n + len(response))
+            segment += [2 + j] * len(response)
+            ends.append(start + len(response) - 1 if response else 0)
+            sources = ([n - 1] + list(range(start, start + len(response) - 1))) if response else []
+            extra = longest - len(response)
+            labels.append(response + [0] * extra)
+            source.append([max(c, 0) for c in sources] + [0] * extra)
+            scored.append([int(c >= 0) for c in sources] + [0] * extra)
+        fill = width - len(ids)
+        out["input_ids"].append(ids + [pad] * fill)
+        out["position_ids"].append(positions + [0] * fill)
+        out["segment"].append(segment + [0] * fill)
+        for name, value in (("ends", ends), ("labels", labels), ("source", source), ("scored", scored)):
+            out[name].append(value)
     return out
 
 

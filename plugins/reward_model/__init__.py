@@ -23,6 +23,16 @@ class RewardModelConfig(OptimizerSettings):
     """AdamW and schedule settings (:class:`rlhfkit.OptimizerSettings`), then these:"""
 
     max_length: int = Field(128, ge=2, description="prompt + completion tokens; prompts are cut on the left")
+    share_prompt: bool = Field(
+        True, description="one forward per prompt over the prompt and its K responses, each response masked from "
+                          "the others, so the prompt is computed once (P + sum of responses tokens, not K x P + ...); "
+                          "checked against separate rows before training, and off with a warning for a model that "
+                          "ignores custom attention masks")
+    trim_last_layer: bool = Field(
+        True, description="run the last layer's MLP only at the tokens whose hidden state is read (each completion's "
+                          "last token; and the LM term's columns): the same scores and gradients, about two thirds "
+                          "of that layer's work saved; checked before training, off for models without a last-layer "
+                          "`mlp` or with gradient checkpointing")
     normalize_std: bool = Field(False, description="also scale rewards to unit std on the reference data")
     eval_batch_size: int = Field(64, ge=1, description="completions per forward during evaluation")
     report_examples: int = Field(4, ge=0, description="eval pairs shown with their scores in the report")

@@ -22,14 +22,13 @@ from rlhfkit import (
     latest_metrics,
     log_now,
     log_step,
-    logprobs_from_logits,
-    masked_mean,
     micro_batches,
     optimizer_step,
     step_loader,
     total_steps,
 )
 from rlhfkit.plugins.reward_model import RewardModelConfig
+from rlhfkit.plugins.reward_model.encoding import RankingEncoder, group_scores, trim_agrees
 from rlhfkit.plugins.reward_model.report import evaluate_pairs, write_report
 from rlhfkit.plugins.reward_model.scoring import ScalarHead, causal_lm, export_classifier, score_and_logits
 
@@ -67,6 +66,8 @@ class RewardModelTraining(L.LightningModule):
         self.regularizers = context.component("regularizers") or []
         self.needs_lm = any(getattr(term, "needs_lm", False) for term in [self.objective, *self.regularizers])
         self.rows = [as_ranking(r) for r in context.component("data").rows()]
+        self.encode = RankingEncoder(self.backbone.tokenizer, config.max_length, config.share_prompt)
+        self.trim = False  # the last layer's MLP only where read: on after _prepare's check
         self._check_objectives(context.stage)
         eval_data = context.component("eval_data")
         self.eval_rows = list(eval_data.rows()) if eval_data else []
@@ -103,25 +104,20 @@ class RewardModelTraining(L.LightningModule):
                                 f"up to {k} completions per prompt): {exc}") from None
 
     # ------------------------------------------------------------------ data
-    def _collate(self, rows: list[tuple[Ranking, float]]) -> dict[str, torch.Tensor]:
-        """Token tensors ``[B, K, L]`` of every completion of every prompt, padded to the
-        batch's largest K with copies of the first one (``valid`` False), and the labels
-        ``ranks, valid [B, K]``, ``margins [B]`` (NaN where the data has none)."""
-        k = max(len(r.completions) for r, _ in rows)
-        prompts, completions, ranks, valid = [], [], [], []
-        for row, _ in rows:
-            pad = k - len(row.completions)
-            completions += list(row.completions) + [row.completions[0]] * pad
-            prompts += [row.prompt] * k
-            ranks.append(list(row.ranks) + [0] * pad)
-            valid.append([True] * len(row.completions) + [False] * pad)
-        encoded = encode_pairs(self.backbone.tokenizer, prompts, completions, self.config.max_length)
-        batch = {name: torch.tensor(values).view(len(rows), k, -1) for name, values in encoded.items()}
-        return batch | {"ranks": torch.tensor(ranks), "valid": torch.tensor(valid),
-                        "margins": torch.tensor([margin for _, margin in rows])}
+    def _collate(self, items: list[tuple[int, tuple[Ranking, float]]]) -> dict[str, torch.Tensor]:
+        """Token tensors of every completion of every prompt (:class:`RankingEncoder`: one
+        shared-prompt row per prompt, or ``[B, K, L]`` rows padded to the batch's largest K
+        with copies of the first completion) and the labels ``ranks, valid [B, K]`` (K:
+        the batch's largest ranking), ``margins [B]`` (NaN where the data has none)."""
+        rows = [row for _, (row, _) in items]
+        k = max(len(r.completions) for r in rows)
+        batch = self.encode(rows, indices=[i for i, _ in items])
+        return batch | {"ranks": torch.tensor([list(r.ranks) + [0] * (k - len(r.completions)) for r in rows]),
+                        "valid": torch.tensor([[j < len(r.completions) for j in range(k)] for r in rows]),
+                        "margins": torch.tensor([margin for _, (_, margin) in items])}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return step_loader(self.rows, self._collate, self.section, self.seed, self.total_steps,
+        return step_loader(list(enumerate(self.rows)), self._collate, self.section, self.seed, self.total_steps,
                            position=lambda: self.trainer.global_step, rank=self.global_rank)
 
     def configure_optimizers(self) -> Any:
@@ -129,28 +125,16 @@ class RewardModelTraining(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _loss(self, chunk: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        b, k = chunk["ranks"].shape
-        flat = {name: chunk[name].flatten(0, 1) for name in ("input_ids", "attention_mask", "labels_mask")}
-        scores, logits = score_and_logits(self.model, self.head, flat["input_ids"], flat["attention_mask"],
-                                          with_logits=self.needs_lm)
-        batch = RewardBatch(scores=scores.view(b, k), ranks=chunk["ranks"], valid=chunk["valid"],
+        scores, nll = group_scores(self.model, self.head, chunk, with_nll=self.needs_lm, trim=self.trim)
+        batch = RewardBatch(scores=scores, ranks=chunk["ranks"], valid=chunk["valid"],
                             # a pair without a margin counts as margin 0 when others in the batch have one
                             margins=None if chunk["margins"].isnan().all() else chunk["margins"].nan_to_num(0.0))
-        if logits is not None:
-            batch.best_nll = self._best_nll(flat, chunk["ranks"], chunk["valid"], logits)
+        if nll is not None:  # the Askell LM term: each prompt's best completion's mean token NLL
+            ranks = chunk["ranks"].masked_fill(~chunk["valid"], torch.iinfo(chunk["ranks"].dtype).max)
+            batch.best_nll = nll.gather(1, ranks.argmin(1, keepdim=True)).squeeze(1)
         terms = [self.objective(batch), *(term(batch) for term in self.regularizers)]
         metrics = {name: value for term in terms for name, value in term.metrics.items()}
         return sum(term.loss for term in terms), metrics
-
-    @staticmethod
-    def _best_nll(flat: dict[str, torch.Tensor], ranks: torch.Tensor, valid: torch.Tensor,
-                  logits: torch.Tensor) -> torch.Tensor:
-        """``[B]`` mean token NLL of each prompt's best completion (the Askell LM term)."""
-        logprobs = logprobs_from_logits(logits[:, :-1], flat["input_ids"][:, 1:])
-        mask = flat["labels_mask"][:, 1:].to(logprobs.dtype)
-        per_sequence = -masked_mean(logprobs, mask, dim=1).view(ranks.shape)
-        ranks = ranks.masked_fill(~valid, torch.iinfo(ranks.dtype).max)
-        return per_sequence.gather(1, ranks.argmin(1, keepdim=True)).squeeze(1)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # 1. forward/backward micro-batches of whole prompts; each prompt weighs the same
@@ -228,7 +212,17 @@ class RewardModelTraining(L.LightningModule):
         std = float(scores.std()) if self.config.normalize_std and len(scores) > 1 else 1.0
         return {"mean": float(scores.mean()), "std": std}
 
+    def _prepare(self) -> None:
+        """Rows tokenized and the shared-prompt check, before the first step."""
+        self.encode.tokenize_all([row for row, _ in self.rows])
+        probe = [row for row, _ in self.rows[:4]]
+        self.encode.check(self.model, self.head, probe, self.device)
+        if self.config.trim_last_layer and probe:
+            batch = {k: v.to(self.device) for k, v in self.encode(probe).items()}
+            self.trim = trim_agrees(self.model, self.head, batch, self.needs_lm)
+
     def on_train_start(self) -> None:
+        self._prepare()
         self._last_time = time.perf_counter()
         if self.global_step == 0:
             self._evaluate("eval_before")
