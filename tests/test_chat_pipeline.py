@@ -68,12 +68,12 @@ def test_sft_dpo_grpo_evaluate_feed_the_chat_template_ids(tmp_path, monkeypatch)
 
     token_nll = sft_module.token_nll
 
-    def spy_nll(model, batch):
+    def spy_nll(model, batch, **kwargs):
         for ids, attention, labels in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
                                           batch["labels_mask"].tolist(), strict=True):
             sft_rows.append(([i for i, a in zip(ids, attention, strict=True) if a],
                              [i for i, lab in zip(ids, labels, strict=True) if lab]))
-        return token_nll(model, batch)
+        return token_nll(model, batch, **kwargs)
 
     monkeypatch.setattr(TransformersPolicy, "sample", spy_generate)
     monkeypatch.setattr(dpo_module, "sequence_logps", spy_logps)

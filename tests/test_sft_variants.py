@@ -87,6 +87,7 @@ def test_prompt_tokens_are_not_learned_by_default():
     module = SFT.__new__(SFT)
     torch.nn.Module.__init__(module)
     module.model = policy.model
+    module.keep_logits, module.trim = True, True  # the LM head and last MLP only where a completion token is predicted
     nll, tokens = module._token_nll(batch)
     assert tokens == completion_tokens
     assert nll.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -161,7 +161,7 @@ class Evaluate:
             rows = self.text[start:start + self.config.batch_size]
             batch = policy.tokenize_pairs([r.prompt for r in rows], [r.completion for r in rows],
                                           self.config.max_length)
-            part_nll, part_tokens = token_nll(policy.model, batch)
+            part_nll, part_tokens = token_nll(policy.model, batch, keep_logits=False)
             nll += part_nll
             tokens += part_tokens
         return float(torch.exp(nll / tokens))

@@ -21,6 +21,18 @@ class SFTConfig(OptimizerSettings):
 
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (plain LM pretraining)")
     max_length: int = Field(128, ge=2, description="prompt + completion tokens; longer prompts are cut on the left")
+    packing: bool = Field(
+        False, description="pack several examples into each row of up to max_length tokens (best-fit decreasing, "
+                            "once before training), attention and positions kept inside each example: less "
+                            "padding, the same loss per token. batch_size then counts packed rows, as in TRL")
+    padding_free: bool = Field(
+        True, description="lay out each micro-batch's examples (or packs) in as few rows of up to max_length tokens "
+                           "as fit (best-fit decreasing), each example attending to itself only, instead of one "
+                           "padded row each: the same examples and loss, less padding to compute")
+    trim_last_layer: bool = Field(
+        True, description="run the last layer's MLP only at the columns that predict a trained token (as the LM "
+                          "head): the same loss and gradients, less work where prompts are long; checked before "
+                          "training, off for models without a last-layer `mlp` or with gradient checkpointing")
     eval_batch_size: int = Field(64, ge=1, description="rows per forward when computing held-out perplexity")
     sample_prompts: int = Field(4, ge=0, description="fixed prompts sampled before and after training")
     sample_max_new_tokens: int = Field(32, ge=1, description="length limit of those samples")

@@ -16,17 +16,16 @@ from rlhfkit import (
     UserError,
     adamw,
     gradient_sync,
-    labelled_logprobs,
     latest_metrics,
     log_now,
     log_step,
-    micro_batches,
     optimizer_step,
     step_loader,
     total_steps,
     write_samples,
 )
 from rlhfkit.plugins.sft import SFTConfig
+from rlhfkit.plugins.sft.encoding import SFTEncoder, check_layouts, targets_of, token_nll
 
 
 def as_pair(row: Any) -> PromptCompletion:
@@ -38,13 +37,6 @@ def as_pair(row: Any) -> PromptCompletion:
         return PromptCompletion(row.prompt, row.completion)
     raise UserError(f"the sft algorithm trains on prompt-completion, messages or text rows, "
                     f"not {type(row).__name__}; point `data:` at such a dataset.")
-
-
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of the labelled tokens of ``batch`` (``input_ids``, ``attention_mask``,
-    ``labels_mask``, as ``tokenize_pairs`` makes them) and their count."""
-    logprobs, mask = labelled_logprobs(model, batch)
-    return -(logprobs * mask).sum(), mask.sum()
 
 
 def sample_prompt(row: PromptCompletion) -> PromptCompletion:
@@ -71,16 +63,27 @@ class SFT(L.LightningModule):
         self.model = self.policy.model
         self.model.train()  # from_pretrained returns eval mode; SFT trains with the policy's dropout
         self.train_rows = [as_pair(r) for r in context.component("data").rows()]
+        # every training row tokenized once, now: packing needs the lengths, and a step only lays out ids
+        self.encoder = SFTEncoder(self.policy.tokenizer, config.max_length, config.train_on_prompt,
+                                  padding_free=config.padding_free)
+        self.encoder.tokenize_all(self.train_rows)
+        self.items: list[int] | list[list[int]] = (self.encoder.packs() if config.packing
+                                                   else list(range(len(self.train_rows))))
+        self.keep_logits = True  # the LM head only where a trained token is predicted (check_layouts)
+        self.trim = False  # and the last layer's MLP (on after check_layouts)
         eval_data = context.component("eval_data")
         self.eval_rows = [as_pair(r) for r in eval_data.rows()] if eval_data else []
         shown = self.eval_rows or self.train_rows
         self.sample_rows = [sample_prompt(r) for r in shown[: config.sample_prompts]]
-        self.total_steps = total_steps(self.section, len(self.train_rows))
+        self.total_steps = total_steps(self.section, len(self.items))
         self.history: dict[str, float] = {}
         self._last_time = time.perf_counter()
 
     # ------------------------------------------------------------------ data
-    def _collate(self, rows: list[PromptCompletion]) -> dict[str, torch.Tensor]:
+    def _collate(self, items: list[int] | list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        return self.encoder.micro_batches(items, self.section.micro_batch_size)
+
+    def _eval_batch(self, rows: list[PromptCompletion]) -> dict[str, torch.Tensor]:
         batch = self.policy.tokenize_pairs([r.prompt for r in rows], [r.completion for r in rows],
                                            max_length=self.config.max_length)
         if self.config.train_on_prompt:
@@ -88,7 +91,7 @@ class SFT(L.LightningModule):
         return batch
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return step_loader(self.train_rows, self._collate, self.section, self.seed, self.total_steps,
+        return step_loader(self.items, self._collate, self.section, self.seed, self.total_steps,
                            position=lambda: self.trainer.global_step, rank=self.global_rank)
 
     def configure_optimizers(self) -> Any:
@@ -96,16 +99,15 @@ class SFT(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_nll(self.model, batch)
+        return token_nll(self.model, batch, keep_logits=self.keep_logits, trim=self.trim)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def training_step(self, chunks: list[dict[str, torch.Tensor]], batch_idx: int) -> None:
         strategy = self.trainer.strategy
         # 1. the global batch's token count: one all-reduce, so every rank divides by it
-        local_tokens = batch["labels_mask"][:, 1:].sum().float()
+        local_tokens = sum(targets_of(chunk).sum() for chunk in chunks).float()
         global_tokens = strategy.reduce(local_tokens, reduce_op="sum")
         world = self.trainer.world_size
-        # 2. forward/backward each micro-batch; DDP averages grads over ranks, hence * world
-        chunks = micro_batches(batch, self.section.micro_batch_size)
+        # 2. forward/backward each micro-batch (laid out by the loader); DDP averages grads over ranks, hence * world
         loss_sum = torch.zeros((), device=self.device)
         for i, chunk in enumerate(chunks):
             with gradient_sync(self, last=i == len(chunks) - 1):
@@ -142,7 +144,7 @@ class SFT(L.LightningModule):
         tokens = torch.zeros((), device=self.device)
         rows = self.eval_rows[self.global_rank::self.trainer.world_size]
         for i in range(0, len(rows), self.config.eval_batch_size):
-            batch = {k: v.to(self.device) for k, v in self._collate(rows[i:i + self.config.eval_batch_size]).items()}
+            batch = self._eval_batch(rows[i:i + self.config.eval_batch_size])
             part_nll, part_tokens = self._token_nll(batch)
             nll += part_nll
             tokens += part_tokens
@@ -169,6 +171,11 @@ class SFT(L.LightningModule):
                         "reference": row.completion} for row, response in zip(self.sample_rows, responses, strict=True)])
 
     def on_train_start(self) -> None:
+        # the LM head at trained columns only, and packed rows, checked against full logits over separate rows
+        probe = list(range(min(4, len(self.train_rows))))
+        if probe:
+            self.keep_logits, self.trim = check_layouts(self.encoder, self.model, probe, self.config.packing,
+                                                        self.config.trim_last_layer)
         self._last_time = time.perf_counter()
         if self.global_step == 0:
             self._evaluate("eval_before")
