@@ -37,6 +37,10 @@ class DPOConfig(OptimizerSettings):
                           "from the chosen one, so the prompt is computed once (P + C + R - 2 tokens, "
                           "not 2P + C + R); checked against two separate rows before training, and off with a "
                           "warning for a model that ignores custom attention masks")
+    trim_last_layer: bool = Field(
+        True, description="run the last layer's MLP only at the columns that predict a response token (as the LM "
+                          "head): the same log-probs and gradients, less work where prompts are long; checked before "
+                          "training, off for models without a last-layer `mlp` or with gradient checkpointing")
     eval_batch_size: int = Field(64, ge=1, description="pairs per forward when evaluating")
     eval_prompts: int = Field(128, ge=1, description="held-out prompts answered greedily and scored with `gold`")
     max_new_tokens: int = Field(32, ge=1, description="length limit of those answers")

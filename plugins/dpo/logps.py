@@ -18,6 +18,7 @@ from rlhfkit import (
     shared_prompt_mask,
     tokenize_preferences,
 )
+from rlhfkit.plugins.policy.trim import can_trim, mlp_only_at
 
 
 class PairEncoder:
@@ -26,10 +27,11 @@ class PairEncoder:
     ``indices``, are tokenized once (all at once by :meth:`tokenize_all`, or when first
     drawn) and kept as int32 arrays."""
 
-    def __init__(self, tokenizer: Any, max_length: int, shared: bool):
+    def __init__(self, tokenizer: Any, max_length: int, shared: bool, trim: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.shared = shared
+        self.trim = trim  # the last layer's MLP only at the columns read (off after a failed check)
         self._tokens: dict[int, tuple[array, array, array]] = {}
 
     def tokenize_all(self, rows: list[Preference], chunk: int = 4096) -> None:
@@ -60,11 +62,31 @@ class PairEncoder:
 
     def check(self, models: list[torch.nn.Module], rows: list[Preference], device: torch.device) -> None:
         """Before training: each model's shared-prompt log-probs must equal those of
-        separate rows (:func:`shared_prompt_problem`); otherwise warn and use separate rows."""
-        if not self.shared or not rows:
+        separate rows (:func:`shared_prompt_problem`); otherwise warn and use separate rows.
+        Then, with ``trim``, the log-probs with the last layer's MLP at the read columns
+        only must equal the full forward's; otherwise warn and run the whole layer."""
+        if not rows:
             return
         shared = {k: v.to(device) for k, v in self(rows, shared=True).items()}
         separate = {k: v.to(device) for k, v in self(rows, shared=False).items()}
+        self._check_shared(models, shared, separate)
+        if self.trim:
+            self.trim = all(can_trim(model) for model in models)
+        if self.trim:
+            batch = shared if self.shared else separate
+            for model in models:
+                problem = trim_problem(model, batch)
+                if problem is not None:
+                    warnings.warn(f"dpo trim_last_layer: {type(model).__name__}'s log-probs change when its last "
+                                  f"layer's MLP runs only at the columns read ({problem}); running it everywhere. "
+                                  f"Set algorithm.trim_last_layer: false to skip this check.", stacklevel=1)
+                    self.trim = False
+                    return
+
+    def _check_shared(self, models: list[torch.nn.Module], shared: dict[str, torch.Tensor],
+                      separate: dict[str, torch.Tensor]) -> None:
+        if not self.shared:
+            return
         for model in models:
             problem = shared_prompt_problem(model, shared, separate)
             if problem is not None:
@@ -76,16 +98,22 @@ class PairEncoder:
                 return
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs ``[2B]`` and response token counts ``[2B]`` (chosen,
-    then rejected; or one per row for single completions)."""
+    then rejected; or one per row for single completions). ``trim``: the last layer's MLP
+    only at the columns that predict a response token
+    (:func:`rlhfkit.plugins.policy.trim.mlp_only_at`)."""
     if "segment" in batch:
-        return shared_logps(model, batch)
-    logprobs, labels = labelled_logprobs(model, batch)
+        return shared_logps(model, batch, trim)
+    read = torch.nn.functional.pad(batch["labels_mask"][:, 1:].bool(), (0, 1)) if trim else None
+    with mlp_only_at(model, read):
+        logprobs, labels = labelled_logprobs(model, batch)
     return masked_sum(logprobs, labels, dim=1), labels.sum(1)
 
 
-def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared-prompt layout: one forward over prompt, chosen, rejected (less each
     response's last token). The LM head runs only at the columns that predict a response
     token (``logits_to_keep``: ``[B, C + R, V]`` logits, not ``[B, L, V]``), unless the
@@ -95,6 +123,17 @@ def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     dtype = next(model.parameters()).dtype
     mask = shared_prompt_mask(batch["segment"], dtype if eager else None)
     sources = torch.cat([batch["chosen_source"], batch["rejected_source"]], dim=1)
+    read = None
+    if trim:
+        scored = torch.cat([batch["chosen_scored"], batch["rejected_scored"]], dim=1).bool()
+        read = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        read[torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sources)[scored], sources[scored]] = True
+    with mlp_only_at(model, read):
+        return _shared_forward(model, batch, ids, mask, sources)
+
+
+def _shared_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+                    sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if sources.shape[1] < ids.shape[1]:  # fewer columns than the row: the LM head runs only there
         logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
                        logits_to_keep=sources).logits
@@ -106,6 +145,24 @@ def shared_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     parts = (slice(0, batch["chosen_source"].shape[1]), slice(batch["chosen_source"].shape[1], None))
     return (torch.cat([masked_sum(logprobs[:, part], scored[:, part], dim=1) for part in parts]),
             torch.cat([scored[:, part].sum(1) for part in parts]))
+
+
+@torch.no_grad()
+def trim_problem(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Why ``model``'s log-probs of ``batch`` change when the last layer's MLP runs only at
+    the columns read, or ``None``; in eval mode, the mode restored."""
+    mode = model.training
+    model.eval()
+    try:
+        a, b = sequence_logps(model, batch, trim=True)[0].float(), sequence_logps(model, batch)[0].float()
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(mode)
+    wide = next(model.parameters()).dtype == torch.float32
+    if torch.allclose(a, b, rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
+        return None
+    return f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
 
 
 @torch.no_grad()

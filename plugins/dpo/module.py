@@ -72,7 +72,8 @@ class DirectPreference(L.LightningModule):
         self.stage_dir = Path(context.stage_dir)
         self.seed = context.seed
         self.policy = context.component("policy")
-        self.encode = PairEncoder(self.policy.tokenizer, config.max_length, config.share_prompt)
+        self.encode = PairEncoder(self.policy.tokenizer, config.max_length, config.share_prompt,
+                                  trim=config.trim_last_layer)
         self.model = self.policy.model
         self.objective = context.component("objective")
         self.needs_reference = getattr(self.objective, "needs_reference", True)
@@ -188,9 +189,9 @@ class DirectPreference(L.LightningModule):
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.adapter_reference:
             with self.model.disable_adapter():
-                return sequence_logps(self.model, batch)[0]
+                return sequence_logps(self.model, batch, trim=self.encode.trim)[0]
         self.reference.eval()  # no dropout in the reference, whatever mode Lightning set
-        return sequence_logps(self.reference, batch)[0]
+        return sequence_logps(self.reference, batch, trim=self.encode.trim)[0]
 
     @torch.no_grad()
     def _mismatched(self, rows: list[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +203,7 @@ class DirectPreference(L.LightningModule):
         return sequence_logps(self.model, batch)[0], self._reference_logps(batch)
 
     def _preference_batch(self, chunk: dict[str, torch.Tensor]) -> PreferenceBatch:
-        logps, tokens = sequence_logps(self.model, chunk)
+        logps, tokens = sequence_logps(self.model, chunk, trim=self.encode.trim)
         b = logps.shape[0] // 2
         batch = PreferenceBatch(logps[:b], logps[b:], tokens[:b], tokens[b:])
         if self.needs_mismatched:
