@@ -321,20 +321,24 @@ def run_side(args: argparse.Namespace) -> None:
                                              "reference": args.reference}))
 
 
-def launch(side: str, reference: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def launch(side: str, reference: str, args: argparse.Namespace, workdir: Path, mode_flag: str = "--reference"
+           ) -> dict[str, Any]:
+    """Run one side in a fresh process (this script again, with ``--side`` and ``mode_flag
+    reference``) and return its measurements; the other benchmarks of this directory
+    launch their sides with it too."""
     result = workdir / f"{side}-{reference}.json"
     log = workdir / f"{side}-{reference}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(workdir / "hf-datasets"),
            "TOKENIZERS_PARALLELISM": "false"}
     if side == "rlhfkit":  # what `rlhfkit run` sets before MKL starts (core/cli.py)
         env.setdefault("MKL_CBWR", "AUTO,STRICT")
-    command = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--reference", reference,
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:], "--side", side, mode_flag, reference,
                "--threads", str(args.threads), "--workdir", str(workdir), "--result", str(result)]
     with open(log, "w") as handle:
         done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"the {side} side ({reference} reference) failed with exit code {done.returncode}; "
+        raise SystemExit(f"the {side} side ({reference}) failed with exit code {done.returncode}; "
                          f"the end of its output:\n{tail}")
     return json.loads(result.read_text())
 
@@ -343,26 +347,42 @@ def launch(side: str, reference: str, args: argparse.Namespace, workdir: Path) -
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, model: dict[str, Any]) -> None:
-    """One row per side and reference mode: medians over the repeats, and the memory of
-    the run with the largest peak. CPU time per step (all threads of the process) is
-    shown on CPU, where it is the measure that other load on the machine disturbs least."""
+    batch_note = {side: next(r["batch"]["input"] for r in results if r["side"] == side) for side in SIDES}
+    step_table(results, args, f"DPO training step, rlhfkit vs TRL {version('trl')}: GPT-2 {args.layers} layers x "
+                              f"{args.hidden} ({model['parameters'] / 1e6:.2f}M parameters, vocabulary "
+                              f"{model['vocabulary']}), {args.batch} pairs x ({args.prompt_length} + "
+                              f"{args.response_length}) tokens, {args.device}, "
+                              f"{'bf16 autocast' if args.bf16 else 'fp32'}",
+               "reference log-probs", "reference",
+               lambda batch: f"each step: the same {batch['tokens']} prompt + response tokens on both sides (digest "
+                             f"{batch['sequences']}); model input {batch_note['rlhfkit']} in rlhfkit (share_prompt "
+                             f"{args.share_prompt}, fused_activations {args.fused_activations}), "
+                             f"{batch_note['trl']} in TRL")
+
+
+def step_table(results: list[dict[str, Any]], args: argparse.Namespace, title: str, mode_label: str, mode_key: str,
+               note: Any) -> None:
+    """One row per side and mode (``mode_key`` of each result): medians over the repeats,
+    and the memory of the run with the largest peak. CPU time per step (all threads of the
+    process) is shown on CPU, where it is the measure that other load on the machine
+    disturbs least. Both sides of a mode must report the same ``batch`` record (what one
+    step trains on); ``note(batch)`` says what it was."""
     cpu = args.device == "cpu"
     memory = "RSS" if cpu else "GPU allocated"
-    table = Table(title=f"DPO training step, rlhfkit vs TRL {version('trl')}: GPT-2 {args.layers} layers x "
-                        f"{args.hidden} ({model['parameters'] / 1e6:.2f}M parameters, vocabulary "
-                        f"{model['vocabulary']}), {args.batch} pairs x ({args.prompt_length} + "
-                        f"{args.response_length}) tokens, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}")
-    columns = ["reference log-probs", "side", "steps/s", "ms/step (mean)", "ms/step (median)",
+    table = Table(title=title)
+    columns = [mode_label, "side", "steps/s", "ms/step (mean)", "ms/step (median)",
                *(["CPU ms/step"] if cpu else []), f"{memory} at step 1 (MB)", f"peak {memory} (MB)",
                "peak - step 1 (MB)", "steps/s vs TRL", *(["CPU time vs TRL"] if cpu else []), "peak vs TRL"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("reference log-probs", "side") else "right")
-    for reference in dict.fromkeys(r["reference"] for r in results):
-        runs = {side: [r for r in results if r["reference"] == reference and r["side"] == side] for side in SIDES}
-        batches = {json.dumps({k: r["batch"][k] for k in ("sequences", "tokens")}) for side in SIDES
-                   for r in runs[side]}
+        table.add_column(column, justify="left" if column in (mode_label, "side") else "right")
+    notes = []
+    for mode in dict.fromkeys(r[mode_key] for r in results):
+        runs = {side: [r for r in results if r[mode_key] == mode and r["side"] == side] for side in SIDES}
+        batches = {json.dumps({k: v for k, v in r["batch"].items() if k != "input"}, sort_keys=True)
+                   for side in SIDES for r in runs[side]}  # what a step trains on, less its layout
         if len(batches) != 1:
-            raise SystemExit(f"the sides did not train on the same batches ({reference}): {sorted(batches)}")
+            raise SystemExit(f"the sides did not train on the same batches ({mode}): {sorted(batches)}")
+        notes.append((mode, json.loads(batches.pop())))
         stats = {side: max(runs[side], key=lambda r: r["peak_mb"])
                  | {key: statistics.median(r[key] for r in runs[side])
                     for key in ("steps_per_s", "ms_per_step", "median_ms_per_step", "cpu_ms_per_step")}
@@ -370,23 +390,24 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, model: dict[
         trl = stats["trl"]
         for i, side in enumerate(SIDES):
             s = stats[side]
-            cells = [reference if i == 0 else "", side, f"{s['steps_per_s']:.2f}", f"{s['ms_per_step']:.1f}",
+            pairs = [(r, t) for r, t in zip(runs["rlhfkit"], runs["trl"], strict=False)] if side == "rlhfkit" else []
+            per_pair = (" (" + ", ".join(f"{t['cpu_ms_per_step'] / r['cpu_ms_per_step']:.2f}" for r, t in pairs) + ")"
+                        if cpu and len(pairs) > 1 else "")
+            cells = [mode if i == 0 else "", side, f"{s['steps_per_s']:.2f}", f"{s['ms_per_step']:.1f}",
                      f"{s['median_ms_per_step']:.1f}", *([f"{s['cpu_ms_per_step']:.1f}"] if cpu else []),
                      f"{s['setup_mb']:,.0f}", f"{s['peak_mb']:,.0f}", f"{s['peak_mb'] - s['setup_mb']:,.0f}",
                      f"{s['steps_per_s'] / trl['steps_per_s']:.2f}x",
-                     *([f"{trl['cpu_ms_per_step'] / s['cpu_ms_per_step']:.2f}x"] if cpu else []),
+                     *([f"{trl['cpu_ms_per_step'] / s['cpu_ms_per_step']:.2f}x{per_pair}"] if cpu else []),
                      f"{s['peak_mb'] / trl['peak_mb']:.2f}x"]
             table.add_row(*cells, end_section=i == len(SIDES) - 1)
     console = Console(width=220)
     console.print(table)
-    batch = json.loads(batches.pop())
-    shapes = {side: next(r["batch"]["input"] for r in results if r["side"] == side) for side in SIDES}
-    console.print(f"each step: the same {batch['tokens']} prompt + response tokens on both sides (digest "
-                  f"{batch['sequences']}); model input {shapes['rlhfkit']} in rlhfkit (share_prompt "
-                  f"{args.share_prompt}, fused_activations {args.fused_activations}), {shapes['trl']} in TRL; "
-                  f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s) per side; "
-                  f"torch {torch.__version__}, transformers {version('transformers')}, lightning "
-                  f"{version('lightning')}, {args.threads} thread(s)")
+    for mode, batch in notes:
+        console.print(f"{mode}: {note(batch)}")
+    console.print(f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s) per side, alternating; "
+                  f"CPU time vs TRL: the ratio of the medians (each alternating pair's in brackets); torch {torch.__version__}, "
+                  f"transformers {version('transformers')}, lightning {version('lightning')}, "
+                  f"{args.threads} thread(s)")
 
 
 def main() -> None:
