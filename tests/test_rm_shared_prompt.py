@@ -183,3 +183,54 @@ def test_the_trimmed_last_layer_runs_its_mlp_at_the_scored_tokens_only(tokenizer
         # 9 completions, one EOS each (and column 0 of the rows with fewer than 4, unless told which are missing)
         assert inputs == [(11, 32), (9, 32)]  # not [3, L, 32]
         assert "forward" not in mlp.__dict__  # the class's forward again
+
+
+def test_reward_models_and_critics_get_the_fused_gelu_and_adamw(exports, tmp_path):
+    """The policy's fused defaults reach every model the RL pipeline trains or scores with:
+    the reward-model stage's backbone, the reward-model reward source
+    (``AutoModelForSequenceClassification``) and a critic built on a reward-model export;
+    the reward model and the critic train with the fused AdamW."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    import rlhfkit
+    from rlhfkit import StageContext
+    from rlhfkit.plugins.reward_model.scoring import RewardModelSource
+
+    def gelus(model):
+        kinds = {type(m) for m in model.modules()}
+        return GELUTanh in kinds, NewGELUActivation in kinds
+
+    registry = rlhfkit.load_plugins().registry
+    context = StageContext(registry=registry, stage="t", stage_dir=tmp_path)
+    source = context.build(rlhfkit.ref("reward")(name="reward-model", path=str(exports["rm"])))
+    assert isinstance(source, RewardModelSource)
+    assert type(source.model).__name__ == "GPT2ForSequenceClassification" and gelus(source.model) == (True, False)
+
+    estimator = context.build(rlhfkit.ref("estimator")(
+        name="gae", critic={"name": "transformers", "path": str(exports["rm"])}, head_init="reward-model"))
+
+    class Algorithm:  # what GAE.bind reads
+        policy = None
+
+    estimator.bind(Algorithm())
+    assert gelus(estimator.critic) == (True, False)
+
+    stage = tmp_path / "rm.yaml"
+    stage.write_text(
+        f"run: {{name: rm, dir: {tmp_path / 'run'}}}\n"
+        f"stages:\n  rm:\n    algorithm: {{name: reward-model}}\n"
+        f"    backbone: {{name: transformers, path: {exports['sft']}}}\n"
+        f"    objective: pairwise\n    data: {{name: builtin, task: reviews, split: preference, limit: 8}}\n"
+        f"    trainer: {{max_steps: 1, batch_size: 8, micro_batch_size: 8}}\n")
+    plugins = rlhfkit.load_plugins()
+    recipe = plugins.load_recipe(stage)
+    spec = recipe.stages[0]
+    module = plugins.registry.build(spec.algorithm, StageContext(
+        registry=plugins.registry, stage="rm", stage_dir=tmp_path / "run" / "rm", seed=0, exports={},
+        slots=spec.slots, trainer=spec.trainer, recipe_dir=tmp_path))
+    assert gelus(module.model) == (True, False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] and {id(p) for g in optimizer.param_groups for p in g["params"]} >= {
+        id(p) for p in module.head.parameters()}
+    # the critic's group, as the ppo module adds it to the policy's AdamW: fused too
+    assert rlhfkit.adamw([(estimator.critic.parameters(), estimator.optimizer)], 10)["optimizer"].defaults["fused"]
