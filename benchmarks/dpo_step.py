@@ -213,11 +213,6 @@ def build_stage(here: Path, name: str, settings: dict[str, Any]) -> tuple[Any, A
 def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict[str, Any]:
     """A one-stage recipe, built and trained as ``rlhfkit.runner.run_stage`` does, less
     its checkpoint callback (no checkpoint during the timed steps, as on the TRL side)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
-
     here = Path(tempfile.mkdtemp(prefix="rlhfkit-", dir=workdir))  # each run starts afresh, never resumes
     settings = {
         "algorithm": {"name": "dpo", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0,
@@ -236,19 +231,11 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
     module, stage, stage_dir = build_stage(here, "dpo", settings)
     first_batch: dict[str, Any] = {}
 
-    class Clock(Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if not first_batch:  # the first rows, as TRL's record below (its sampler shuffles)
-                first_batch.update(batch_record(pl_module.encode(pl_module.rows[:args.batch])),
-                                   input=list(batch["input_ids"].shape))
-            clock.step_begins()
+    def record(pl_module: Any, batch: Any) -> None:  # the first rows, as TRL's record below (its sampler shuffles)
+        first_batch.update(batch_record(pl_module.encode(pl_module.rows[:args.batch])),
+                           input=list(batch["input_ids"].shape))
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            clock.step_ends()
-
-    logger = MetricsCSV(stage_dir / "metrics.csv", on_row=lambda step, metrics: None)
-    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [RNGState(), Clock()], logger)
-    trainer.fit(module)
+    trainer = fit_stage(module, stage, stage_dir, clock, record)
     return {"batch": first_batch, "steps": trainer.global_step}
 
 
@@ -256,7 +243,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
     """``DPOTrainer`` on a ``datasets.Dataset`` of the same pairs, reference created by
     TRL (a second copy of the model loaded from the same directory)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
@@ -269,13 +256,6 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"] + eos,
                                   "rejected": " " + r["rejected"] + eos} for r in rows])
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_begins()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_ends()
-
     config = DPOConfig(
         output_dir=str(workdir / f"trl-{args.reference}"), max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=LR,
@@ -287,7 +267,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
         use_cpu=args.device == "cpu", seed=SEED, logging_steps=LOG_EVERY, report_to="none",
         save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Clock()])
+                         callbacks=[trl_clock(clock)])
     first = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)])
     trainer.train()
     return {"batch": batch_record(first), "steps": trainer.state.global_step}
@@ -308,17 +288,91 @@ def batch_record(batch: dict[str, Any]) -> dict[str, Any]:
     return {"sequences": digest, "tokens": sum(map(len, sequences)), "input": list(ids.shape)}
 
 
-def run_side(args: argparse.Namespace) -> None:
-    """Child process: train one side and write its measurements to ``args.result``."""
+def run_side(args: argparse.Namespace, train_rlhfkit: Any = None, train_trl: Any = None,
+             mode_key: str = "reference") -> None:
+    """Child process: train one side (this script's ``train_rlhfkit`` / ``train_trl``, or
+    another benchmark's) and write its measurements and its mode (``args.<mode_key>``) to
+    ``args.result``."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     clock = StepClock(device)
-    train = train_rlhfkit if args.side == "rlhfkit" else train_trl
+    if args.side == "rlhfkit":
+        train = train_rlhfkit or globals()["train_rlhfkit"]
+    else:
+        train = train_trl or globals()["train_trl"]
     out = train(args, Path(args.workdir), clock)
     if out["steps"] != args.warmup + args.steps:
         raise RuntimeError(f"{args.side} ran {out['steps']} steps, not {args.warmup + args.steps}")
     Path(args.result).write_text(json.dumps({**out, **clock.summary(args.warmup), "side": args.side,
-                                             "reference": args.reference}))
+                                             mode_key: getattr(args, mode_key)}))
+
+
+def fit_stage(module: Any, stage: Any, stage_dir: Path, clock: StepClock, first_batch: Any = None) -> Any:
+    """Train a stage built by :func:`build_stage` as ``rlhfkit.runner.run_stage`` does,
+    less its checkpoint callback, with :func:`lightning_clock`; returns the trainer."""
+    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
+
+    logger = MetricsCSV(stage_dir / "metrics.csv", on_row=lambda step, metrics: None)
+    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps,
+                            [RNGState(), lightning_clock(clock, first_batch)], logger)
+    trainer.fit(module)
+    return trainer
+
+
+def lightning_clock(clock: StepClock, first_batch: Any = None) -> Any:
+    """A Lightning callback that stamps each optimizer step on ``clock`` and calls
+    ``first_batch(module, batch)`` once, before the first step starts."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Clock(Callback):
+        seen = False
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if not self.seen and first_batch is not None:
+                first_batch(pl_module, batch)
+            self.seen = True
+            clock.step_begins()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            clock.step_ends()
+
+    return Clock()
+
+
+def trl_clock(clock: StepClock) -> Any:
+    """A transformers ``TrainerCallback`` that stamps each optimizer step on ``clock``."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            clock.step_begins()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.step_ends()
+
+    return Clock()
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options every benchmark of this directory takes."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocabulary", type=int, default=0,
+                        help="words of a generated word-level vocabulary (0: the reviews task's, 156 tokens)")
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The timing, device and child-process options every benchmark of this directory takes."""
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (at least 1)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
 def launch(side: str, reference: str, args: argparse.Namespace, workdir: Path, mode_flag: str = "--reference"
@@ -412,29 +466,17 @@ def step_table(results: list[dict[str, Any]], args: argparse.Namespace, title: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocabulary", type=int, default=0,
-                        help="words of a generated word-level vocabulary (0: the reviews task's, 156 tokens)")
+    model_arguments(parser)
     parser.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--response-length", type=int, default=32, help="tokens, EOS included")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (at least 1)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--reference", choices=("both", *REFERENCE_MODES), default="both")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
                         help="rlhfkit's algorithm.share_prompt (the prompt computed once per pair)")
     parser.add_argument("--fused-activations", action=argparse.BooleanOptionalAction, default=True,
                         help="rlhfkit's policy.fused_activations (GPT-2's GELU as one kernel)")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    run_arguments(parser)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.response_length < 2:
         parser.error("--warmup and --steps must be at least 1 and --response-length at least 2")

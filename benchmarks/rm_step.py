@@ -57,9 +57,14 @@ from dpo_step import (
     TRL_MISSING,
     StepClock,
     build_stage,
+    fit_stage,
     launch,
+    model_arguments,
     prepare,
+    run_arguments,
+    run_side,
     step_table,
+    trl_clock,
 )
 
 LAYOUTS = ("shared", "separate")
@@ -68,11 +73,6 @@ LAYOUTS = ("shared", "separate")
 def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict[str, Any]:
     """A one-stage reward-model recipe, built and trained as ``rlhfkit run`` does, less its
     checkpoint callback."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
-
     here = Path(tempfile.mkdtemp(prefix="rlhfkit-", dir=workdir))
     settings = {
         "algorithm": {"name": "reward-model", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0,
@@ -89,19 +89,11 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
     module, stage, stage_dir = build_stage(here, "rm", settings)
     first_batch: dict[str, Any] = {}
 
-    class Clock(Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if not first_batch:  # the first rows, as TRL's record below
-                first_batch.update(batch_record(pl_module.encode([r for r, _ in pl_module.rows[:args.batch]])))
-                first_batch["input"] = list(batch["input_ids"].shape)
-            clock.step_begins()
+    def record(pl_module: Any, batch: Any) -> None:  # the first rows, as TRL's record below
+        first_batch.update(batch_record(pl_module.encode([r for r, _ in pl_module.rows[:args.batch]])),
+                           input=list(batch["input_ids"].shape))
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            clock.step_ends()
-
-    logger = MetricsCSV(stage_dir / "metrics.csv", on_row=lambda step, metrics: None)
-    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [RNGState(), Clock()], logger)
-    trainer.fit(module)
+    trainer = fit_stage(module, stage, stage_dir, clock, record)
     return {"batch": first_batch, "steps": trainer.global_step}
 
 
@@ -109,7 +101,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
     """``RewardTrainer`` on a ``datasets.Dataset`` of the same pairs; TRL loads the saved
     causal LM as ``AutoModelForSequenceClassification`` (``num_labels=1``) itself."""
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "model")
@@ -121,13 +113,6 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"] + eos,
                                   "rejected": " " + r["rejected"] + eos} for r in rows])
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_begins()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_ends()
-
     config = RewardConfig(
         output_dir=str(workdir / "trl-rm"), max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=LR,
@@ -137,7 +122,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
         use_cpu=args.device == "cpu", seed=SEED, logging_steps=LOG_EVERY, report_to="none", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     trainer = RewardTrainer(model=str(workdir / "model"), args=config, train_dataset=dataset,
-                            processing_class=tokenizer, callbacks=[Clock()])
+                            processing_class=tokenizer, callbacks=[trl_clock(clock)])
     first = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)])
     trainer.train()
     return {"batch": batch_record(first), "steps": trainer.state.global_step}
@@ -157,45 +142,22 @@ def batch_record(batch: dict[str, Any]) -> dict[str, Any]:
     return {"sequences": digest, "tokens": sum(map(len, sequences)), "input": list(ids.shape)}
 
 
-def run_side(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    clock = StepClock(device)
-    out = (train_rlhfkit if args.side == "rlhfkit" else train_trl)(args, Path(args.workdir), clock)
-    if out["steps"] != args.warmup + args.steps:
-        raise RuntimeError(f"{args.side} ran {out['steps']} steps, not {args.warmup + args.steps}")
-    Path(args.result).write_text(json.dumps({**out, **clock.summary(args.warmup), "side": args.side,
-                                             "layout": args.layout}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocabulary", type=int, default=0,
-                        help="words of a generated word-level vocabulary (0: the reviews task's, 156 tokens)")
+    model_arguments(parser)
     parser.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--response-length", type=int, default=32, help="tokens, EOS included")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (at least 1)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--layout", choices=("both", *LAYOUTS), default="shared",
                         help="rlhfkit's algorithm.share_prompt on (shared), off (separate) or each in turn")
     parser.add_argument("--trim-last-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="rlhfkit's algorithm.trim_last_layer (the last MLP only at each response's EOS)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    run_arguments(parser)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.response_length < 2:
         parser.error("--warmup and --steps must be at least 1 and --response-length at least 2")
     if args.side is not None:
-        run_side(args)
+        run_side(args, train_rlhfkit, train_trl, mode_key="layout")
         return
     if importlib.util.find_spec("trl") is None:
         raise SystemExit(TRL_MISSING.format(python=sys.executable))

@@ -64,8 +64,13 @@ from dpo_step import (
     TRL_MISSING,
     StepClock,
     build_stage,
+    fit_stage,
     launch,
+    model_arguments,
+    run_arguments,
+    run_side,
     step_table,
+    trl_clock,
 )
 
 MODES = ("off", "on")
@@ -106,11 +111,6 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict[str, Any]:
     """A one-stage sft recipe, built and trained as ``rlhfkit run`` does, less its
     checkpoint callback, evaluation and samples."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from rlhfkit.training import MetricsCSV, RNGState, build_trainer
-
     here = Path(tempfile.mkdtemp(prefix="rlhfkit-", dir=workdir))
     settings = {
         "algorithm": {"name": "sft", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0,
@@ -133,18 +133,10 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock) -> 
         record = batch_record(encoder.separate_rows(list(range(args.batch))))
     shape: list[int] = []
 
-    class Clock(Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if not shape:  # the step's micro-batches (one here)
-                shape.extend(batch[0]["input_ids"].shape)
-            clock.step_begins()
+    def first(pl_module: Any, batch: Any) -> None:  # the step's micro-batches (one here)
+        shape.extend(batch[0]["input_ids"].shape)
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            clock.step_ends()
-
-    logger = MetricsCSV(stage_dir / "metrics.csv", on_row=lambda step, metrics: None)
-    trainer = build_trainer(stage.trainer, stage_dir, module.total_steps, [RNGState(), Clock()], logger)
-    trainer.fit(module)
+    trainer = fit_stage(module, stage, stage_dir, clock, first)
     return {"batch": record | {"input": shape}, "steps": trainer.global_step}
 
 
@@ -153,7 +145,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
     loads the saved model itself, masks the prompt from the loss (its default for
     prompt-completion data) and, with ``packing=True``, packs best-fit decreasing."""
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "model")
@@ -162,13 +154,6 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
         rows = [json.loads(line) for line in handle]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["completion"] + eos} for r in rows])
     shape: list[int] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_begins()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.step_ends()
 
     config = SFTConfig(
         output_dir=str(workdir / "trl-sft"), max_steps=args.warmup + args.steps,
@@ -179,7 +164,7 @@ def train_trl(args: argparse.Namespace, workdir: Path, clock: StepClock) -> dict
         use_cpu=args.device == "cpu", seed=SEED, logging_steps=LOG_EVERY, report_to="none", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=str(workdir / "model"), args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[Clock()])
+                         processing_class=tokenizer, callbacks=[trl_clock(clock)])
     data = trainer.train_dataset
     if args.packing == "on":
         packs = []
@@ -218,45 +203,22 @@ def packs_record(packs: list[list[list[int]]]) -> dict[str, Any]:
             "tokens": sum(map(len, examples)), "packs": len(packs)}
 
 
-def run_side(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    clock = StepClock(device)
-    out = (train_rlhfkit if args.side == "rlhfkit" else train_trl)(args, Path(args.workdir), clock)
-    if out["steps"] != args.warmup + args.steps:
-        raise RuntimeError(f"{args.side} ran {out['steps']} steps, not {args.warmup + args.steps}")
-    Path(args.result).write_text(json.dumps({**out, **clock.summary(args.warmup), "side": args.side,
-                                             "packing": args.packing}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocabulary", type=int, default=0,
-                        help="words of a generated word-level vocabulary (0: the reviews task's, 156 tokens)")
+    model_arguments(parser)
     parser.add_argument("--batch", type=int, default=16, help="rows per optimizer step: examples, or packs")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per row (and per pack)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (at least 1)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--packing", choices=("both", *MODES), default="both", help="on both sides")
     parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
                         help="rlhfkit's algorithm.padding_free (a micro-batch's examples in as few rows as fit)")
     parser.add_argument("--trim-last-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="rlhfkit's algorithm.trim_last_layer (the last MLP only where a learned token is predicted)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    run_arguments(parser)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.max_length < 8:
         parser.error("--warmup and --steps must be at least 1 and --max-length at least 8")
     if args.side is not None:
-        run_side(args)
+        run_side(args, train_rlhfkit, train_trl, mode_key="packing")
         return
     if importlib.util.find_spec("trl") is None:
         raise SystemExit(TRL_MISSING.format(python=sys.executable))

@@ -9,11 +9,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tiny_models import IgnoresMask, tiny_causal_lm
 
 from rlhfkit import Ranking, encode_pairs, layout_rankings, shared_prompt_mask, tokenize_rankings
-from rlhfkit.plugins.policy.build import architecture_config
-from rlhfkit.plugins.policy.config import ArchitectureConfig
 from rlhfkit.plugins.policy.tokenizer import build_word_tokenizer
 from rlhfkit.plugins.reward_model.encoding import RankingEncoder, group_scores
 from rlhfkit.plugins.reward_model.scoring import ScalarHead
@@ -53,15 +51,7 @@ def test_the_layout_by_hand(tokenizer):
 
 
 def _model(tokenizer, family, attention):
-    torch.manual_seed(0)
-    config = architecture_config(ArchitectureConfig(family=family, layers=2, hidden=32, dropout=0.0), tokenizer)
-    config._attn_implementation = attention
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights, so attention matters and a leak would show
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(8)
-    return model, ScalarHead(32)
+    return tiny_causal_lm(tokenizer, family, attention), ScalarHead(32)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -95,25 +85,11 @@ def test_shared_equals_separate_rows_in_scores_nll_and_gradient(tokenizer, famil
     assert (leaked - sa).abs().max() > 1e-2
 
 
-class _IgnoresMask(torch.nn.Module):
-    """A backbone that builds its own causal mask, whatever it is given."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = None
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
 class _Wrapped(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.base_model = _IgnoresMask(model.base_model)
+        self.base_model = IgnoresMask(model.base_model)
         self.config = model.config
 
     def get_output_embeddings(self):

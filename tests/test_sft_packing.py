@@ -11,11 +11,9 @@ import warnings
 import pytest
 import torch
 from helpers import RECIPES, TINY_SFT, cli, column, read_metrics
-from transformers import AutoModelForCausalLM
+from tiny_models import IgnoresMask, tiny_causal_lm
 
 from rlhfkit import PromptCompletion, layout_packed, pack_by_length, packed_mask
-from rlhfkit.plugins.policy.build import architecture_config
-from rlhfkit.plugins.policy.config import ArchitectureConfig
 from rlhfkit.plugins.policy.tokenizer import build_word_tokenizer
 from rlhfkit.plugins.sft.encoding import SFTEncoder, check_layouts, token_nll
 
@@ -54,15 +52,7 @@ def test_the_packed_layout_by_hand():
 
 
 def _model(tokenizer, family, attention):
-    torch.manual_seed(0)
-    config = architecture_config(ArchitectureConfig(family=family, layers=2, hidden=32, dropout=0.0), tokenizer)
-    config._attn_implementation = attention
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights, so attention matters and a leak would show
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(8)
-    return model
+    return tiny_causal_lm(tokenizer, family, attention)
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True])
@@ -115,22 +105,9 @@ def test_the_lm_head_runs_only_at_trained_columns(tokenizer):
     assert widths == [(int(tokens), 32)]  # not [5, L, 32]
 
 
-class _IgnoresMask(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = None
-        kwargs.pop("position_ids", None)
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
 def test_a_model_that_ignores_the_mask_trains_packs_as_separate_rows(tokenizer):
     model = _model(tokenizer, "gpt2", "sdpa").train()
-    for candidate, packed in ((model, True), (_IgnoresMask(model), False)):
+    for candidate, packed in ((model, True), (IgnoresMask(model, ignore_positions=True), False)):
         encoder = SFTEncoder(tokenizer, 16, False)
         encoder.tokenize_all(ROWS)
         with warnings.catch_warnings(record=True) as caught:

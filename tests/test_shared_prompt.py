@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import IgnoresMask, tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
 from rlhfkit import Preference, encode_pairs, encode_preferences, shared_prompt_mask
@@ -92,14 +93,7 @@ FAMILIES = ["gpt2", "opt", "llama", "qwen2"]
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, attention, rows):
     pairs = PAIRS if rows == "short" else LONG_PAIRS
-    torch.manual_seed(0)
-    config = architecture_config(ArchitectureConfig(family=family, layers=2, hidden=32, dropout=0.0), tokenizer)
-    config._attn_implementation = attention
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights, so attention matters and a leak would show
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(8)
+    model = tiny_causal_lm(tokenizer, family, attention)
     results = []
     # shared rows, and the last layer's MLP only at the columns read (trim), against separate full rows (last)
     for shared, trim in ((True, False), (True, True), (False, True), (False, False)):
@@ -125,28 +119,8 @@ def test_shared_equals_separate_rows_in_value_and_gradient(tokenizer, family, at
     assert (c[3:] - a[3:]).abs().max() > 1e-2
 
 
-class _IgnoresMask(torch.nn.Module):
-    """A model that builds its own causal mask, whatever it is given."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = None
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-
-
 def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
-    torch.manual_seed(0)
-    config = architecture_config(ArchitectureConfig(family="gpt2", layers=2, hidden=32, dropout=0.0), tokenizer)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(8)
+    model = tiny_causal_lm(tokenizer, "gpt2").train()
 
     def check(candidate):
         encoder = PairEncoder(tokenizer, 64, shared=True)
@@ -156,7 +130,7 @@ def test_a_model_that_ignores_the_mask_falls_back_to_separate_rows(tokenizer):
         return encoder.shared, [str(w.message) for w in caught]
 
     assert check(model) == (True, [])
-    kept, messages = check(_IgnoresMask(model))
+    kept, messages = check(IgnoresMask(model))
     assert not kept
     assert "does not honour the shared-prompt attention mask" in messages[0]
     assert "share_prompt: false" in messages[0]

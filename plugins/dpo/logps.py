@@ -18,6 +18,7 @@ from rlhfkit import (
     shared_prompt_mask,
     tokenize_preferences,
 )
+from rlhfkit.plugins.policy.equivalence import disagreement
 from rlhfkit.plugins.policy.trim import can_trim, mlp_only_at
 
 
@@ -147,42 +148,19 @@ def _shared_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids:
             torch.cat([scored[:, part].sum(1) for part in parts]))
 
 
-@torch.no_grad()
 def trim_problem(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
     """Why ``model``'s log-probs of ``batch`` change when the last layer's MLP runs only at
-    the columns read, or ``None``; in eval mode, the mode restored."""
-    mode = model.training
-    model.eval()
-    try:
-        a, b = sequence_logps(model, batch, trim=True)[0].float(), sequence_logps(model, batch)[0].float()
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        model.train(mode)
-    wide = next(model.parameters()).dtype == torch.float32
-    if torch.allclose(a, b, rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
-        return None
-    return f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
+    the columns read, or ``None``."""
+    return disagreement(model, lambda: sequence_logps(model, batch, trim=True)[0],
+                        lambda: sequence_logps(model, batch)[0], "log-probs")
 
 
-@torch.no_grad()
 def shared_prompt_problem(model: torch.nn.Module, shared: dict[str, torch.Tensor],
                           separate: dict[str, torch.Tensor]) -> str | None:
     """Why ``model``'s shared-prompt log-probs differ from those of separate rows (a model
-    that builds its own mask, or attention that ignores a 4-D mask), or ``None``. The
-    model is evaluated in eval mode and its mode restored."""
-    mode = model.training
-    model.eval()
-    try:
-        a, b = shared_logps(model, shared)[0].float(), sequence_logps(model, separate)[0].float()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        model.train(mode)
-    wide = next(model.parameters()).dtype == torch.float32
-    if torch.allclose(a, b, rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
-        return None
-    return f"log-probs differ by up to {float((a - b).abs().max()):.3g}"
+    that builds its own mask, or attention that ignores a 4-D mask), or ``None``."""
+    return disagreement(model, lambda: shared_logps(model, shared)[0], lambda: sequence_logps(model, separate)[0],
+                        "log-probs")
 
 
 def pair_slice(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from rlhfkit import (
     shared_prompt_mask,
     tokenize_rankings,
 )
+from rlhfkit.plugins.policy.equivalence import disagreement
 from rlhfkit.plugins.policy.trim import can_trim, mlp_only_at
 from rlhfkit.plugins.reward_model.scoring import ScalarHead, causal_lm
 
@@ -137,46 +138,30 @@ def _shared_scores(lm: Any, head: ScalarHead, batch: dict[str, torch.Tensor],
     return scores, -masked_mean(per_token, scored.to(per_token.dtype), dim=2)
 
 
-@torch.no_grad()
 def shared_prompt_problem(model: torch.nn.Module, head: ScalarHead, shared: dict[str, torch.Tensor],
                           separate: dict[str, torch.Tensor], valid: torch.Tensor) -> str | None:
     """Why the shared layout's scores of the ``valid [B, K]`` responses differ from
     separate rows' (a model that builds its own mask, or attention that ignores a 4-D
-    mask), or ``None``; in eval mode, the model's mode restored."""
-    mode = model.training
-    model.eval()
-    try:
-        a, b = (group_scores(model, head, batch, False)[0][valid] for batch in (shared, separate))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        model.train(mode)
-    wide = next(model.parameters()).dtype == torch.float32
-    if torch.allclose(a, b, rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
-        return None
-    return f"scores differ by up to {float((a - b).abs().max()):.3g}"
+    mask), or ``None``."""
+    return disagreement(model, lambda: group_scores(model, head, shared, False)[0][valid],
+                        lambda: group_scores(model, head, separate, False)[0][valid], "scores")
 
 
-@torch.no_grad()
 def trim_agrees(model: torch.nn.Module, head: ScalarHead, batch: dict[str, torch.Tensor], with_nll: bool) -> bool:
     """Whether the last layer's MLP can run only where read (``trim``) for this model:
     it has one (:func:`rlhfkit.plugins.policy.trim.can_trim`) and the scores (and NLLs)
     of ``batch`` are those of the full forward; a model that has one but disagrees gets a
-    warning. In eval mode, the model's mode restored."""
+    warning."""
     if not can_trim(causal_lm(model)):
         return False
-    mode = model.training
-    model.eval()
-    try:
-        full = group_scores(model, head, batch, with_nll, trim=False)
-        trimmed = group_scores(model, head, batch, with_nll, trim=True)
-    finally:
-        model.train(mode)
-    wide = next(model.parameters()).dtype == torch.float32
-    same = all(torch.allclose(a.float(), b.float(), rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25)
-               for a, b in zip(full, trimmed, strict=True) if a is not None)
-    if not same:
+
+    def outputs(trim: bool) -> torch.Tensor:
+        scores, nll = group_scores(model, head, batch, with_nll, trim=trim)
+        return scores if nll is None else torch.cat([scores, nll])
+
+    problem = disagreement(model, lambda: outputs(True), lambda: outputs(False), "scores")
+    if problem is not None:
         warnings.warn(f"reward-model trim_last_layer: {type(causal_lm(model)).__name__}'s scores change when its last "
-                      f"layer's MLP runs only at the scored tokens; running it everywhere. Set "
+                      f"layer's MLP runs only at the scored tokens ({problem}); running it everywhere. Set "
                       f"algorithm.trim_last_layer: false to skip this check.", stacklevel=1)
-    return same
+    return problem is None

@@ -19,6 +19,7 @@ from rlhfkit import (
     pack_by_length,
     packed_mask,
 )
+from rlhfkit.plugins.policy.equivalence import disagreement
 from rlhfkit.plugins.policy.trim import can_trim, mlp_only_at
 
 
@@ -131,7 +132,6 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_logit
     return -logprobs_from_logits(logits, labels).sum(), targets.sum()
 
 
-@torch.no_grad()
 def check_layouts(encoder: SFTEncoder, model: torch.nn.Module, rows: list[int], packing: bool,
                   trim: bool) -> tuple[bool, bool]:
     """Before training, on ``rows``: the LM head at the trained columns only, (with
@@ -139,40 +139,32 @@ def check_layouts(encoder: SFTEncoder, model: torch.nn.Module, rows: list[int], 
     last layer's MLP at those columns only must each give the NLL of full logits over
     separate rows. Otherwise warn and do without: every example in its own row
     (``encoder.packed = False``), full logits, the whole last layer. Returns whether
-    ``logits_to_keep`` and the trim may be used. The model is evaluated in eval mode and
-    its mode restored."""
-    mode = model.training
-    model.eval()
+    ``logits_to_keep`` and the trim may be used (each check in eval mode, the model's mode
+    restored: :func:`rlhfkit.plugins.policy.equivalence.disagreement`)."""
     device = next(model.parameters()).device
-    try:
-        separate = {k: v.to(device) for k, v in encoder.separate_rows(rows).items()}
-        expected = token_nll(model, separate, keep_logits=False)[0]
-        keep_logits = _agrees(lambda: token_nll(model, separate, keep_logits=True)[0], expected, model,
-                              "the LM head at the trained columns only (2-D logits_to_keep)",
-                              "computing logits at every column")
-        if packing or encoder.padding_free:
-            pack = {k: v.to(device) for k, v in encoder.packed_rows([rows]).items()}
-            encoder.packed = _agrees(lambda: token_nll(model, pack, keep_logits=keep_logits)[0], expected, model,
-                                     "packed rows (a per-example attention mask and position ids)",
-                                     "laying each pack's examples out as separate rows (same loss, more padding)")
-        if trim and can_trim(model):
-            trim = _agrees(lambda: token_nll(model, separate, keep_logits=keep_logits, trim=True)[0], expected,
-                           model, "the last layer's MLP at the trained columns only (trim_last_layer)",
-                           "running it at every column")
-        return keep_logits, trim and can_trim(model)
-    finally:
-        model.train(mode)
+    separate = {k: v.to(device) for k, v in encoder.separate_rows(rows).items()}
+
+    def expected() -> torch.Tensor:
+        return token_nll(model, separate, keep_logits=False)[0]
+
+    keep_logits = _agrees(lambda: token_nll(model, separate, keep_logits=True)[0], expected, model,
+                          "the LM head at the trained columns only (2-D logits_to_keep)",
+                          "computing logits at every column")
+    if packing or encoder.padding_free:
+        pack = {k: v.to(device) for k, v in encoder.packed_rows([rows]).items()}
+        encoder.packed = _agrees(lambda: token_nll(model, pack, keep_logits=keep_logits)[0], expected, model,
+                                 "packed rows (a per-example attention mask and position ids)",
+                                 "laying each pack's examples out as separate rows (same loss, more padding)")
+    trim = trim and can_trim(model)
+    if trim:
+        trim = _agrees(lambda: token_nll(model, separate, keep_logits=keep_logits, trim=True)[0], expected,
+                       model, "the last layer's MLP at the trained columns only (trim_last_layer)",
+                       "running it at every column")
+    return keep_logits, trim
 
 
-def _agrees(compute: Any, expected: torch.Tensor, model: torch.nn.Module, what: str, instead: str) -> bool:
-    try:
-        value = compute()
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    else:
-        wide = next(model.parameters()).dtype == torch.float32
-        if torch.allclose(value.float(), expected.float(), rtol=1e-4 if wide else 2e-2, atol=1e-3 if wide else 0.25):
-            return True
-        problem = f"NLL {float(value):.6g} instead of {float(expected):.6g}"
-    warnings.warn(f"sft: {type(model).__name__} does not support {what} ({problem}); {instead}.", stacklevel=2)
-    return False
+def _agrees(compute: Any, reference: Any, model: torch.nn.Module, what: str, instead: str) -> bool:
+    problem = disagreement(model, compute, reference, "NLLs")
+    if problem is not None:
+        warnings.warn(f"sft: {type(model).__name__} does not support {what} ({problem}); {instead}.", stacklevel=2)
+    return problem is None
