@@ -69,8 +69,9 @@ class SFT(L.LightningModule):
         self.encoder.tokenize_all(self.train_rows)
         self.items: list[int] | list[list[int]] = (self.encoder.packs() if config.packing
                                                    else list(range(len(self.train_rows))))
-        self.keep_logits = True  # the LM head only where a trained token is predicted (check_layouts)
-        self.trim = False  # and the last layer's MLP (on after check_layouts)
+        # the LM head, and the last layer's MLP, only where a trained token is predicted: on once
+        # check_layouts agrees (at train start; a stage resumed at its last step finalises with full logits)
+        self.keep_logits = self.trim = False
         eval_data = context.component("eval_data")
         self.eval_rows = [as_pair(r) for r in eval_data.rows()] if eval_data else []
         shown = self.eval_rows or self.train_rows
