@@ -510,13 +510,15 @@ def test_rank_variables_that_do_not_fit_a_multi_device_recipe_are_an_error(tmp_p
 
 def test_ctrl_c_is_one_line_and_exit_130_and_the_resume_does_not_warn(tmp_path):
     out = tmp_path / "run"
-    args = ["run", SFT, *TINY_SFT, "stages.sft.trainer.max_steps=400", "stages.sft.trainer.checkpoint_every_n_steps=20",
+    # long enough that the interrupt lands in training: 400 tiny steps take about 2 s
+    args = ["run", SFT, *TINY_SFT, "stages.sft.trainer.max_steps=3000", "stages.sft.trainer.checkpoint_every_n_steps=20",
             f"run.dir={out}"]
-    process = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not list(out.glob("sft/checkpoints/step-*.ckpt")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
