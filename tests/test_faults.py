@@ -513,8 +513,14 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_resume_does_not_warn(tmp_path):
     # long enough that the interrupt lands in training: 400 tiny steps take about 2 s
     args = ["run", SFT, *TINY_SFT, "stages.sft.trainer.max_steps=3000", "stages.sft.trainer.checkpoint_every_n_steps=20",
             f"run.dir={out}"]
-    process = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a shell's background job (a CI script run with `&`) ignores SIGINT and its children inherit that, while a
+    # terminal's Ctrl-C reaches a process whose SIGINT is at its default: handled here, so it is default after exec
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     deadline = time.time() + 120
     while not list(out.glob("sft/checkpoints/step-*.ckpt")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
