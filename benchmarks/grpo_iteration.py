@@ -8,7 +8,7 @@ vLLM side, an environment with vLLM (docs/engines.md).
     ~/venvs/rlhfkit-trl/bin/python benchmarks/grpo_iteration.py --threads 1 [--beta both|0|0.04]
         [--layers 4] [--hidden 256] [--heads 4] [--prompts 8] [--group 8] [--prompt-length 16]
         [--new-tokens 64] [--warmup 2] [--steps 6] [--repeats 1] [--vllm-python PATH]
-        [--sides rlhfkit,trl[,rlhfkit-vllm]] [--hf-cache dynamic|static]
+        [--sides rlhfkit,trl[,rlhfkit-generate][,rlhfkit-vllm]] [--hf-cache in-place|dynamic|static]
 
 What is the same on both sides:
 - the model: one GPT-2 built from a config with a fixed seed on the built-in reviews
@@ -82,7 +82,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in policy.model.parameters()), "vocabulary": len(policy.tokenizer)}
 
 
-def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, engine: str) -> dict[str, Any]:
+def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, engine: str,
+                  cache: str = "in-place") -> dict[str, Any]:
     import tempfile as tmp
 
     from lightning.pytorch.callbacks import Callback
@@ -109,7 +110,7 @@ def train_rlhfkit(args: argparse.Namespace, workdir: Path, clock: StepClock, eng
                     "accelerator": "gpu" if args.device == "cuda" else "cpu"},
     }
     if engine == "hf":
-        settings["engine"] = {"name": "hf", "cache": args.hf_cache}
+        settings["engine"] = {"name": "hf", "cache": cache}
     if engine == "vllm":
         cores = sorted(os.sched_getaffinity(0))[: args.threads]
         settings["engine"] = {"name": "vllm", "python": args.vllm_python, "kv_cache_gb": 1.0, "check": "first",
@@ -209,7 +210,8 @@ def run_side(args: argparse.Namespace) -> None:
     if args.side == "trl":
         out = train_trl(args, Path(args.workdir), clock)
     else:
-        out = train_rlhfkit(args, Path(args.workdir), clock, "vllm" if args.side == "rlhfkit-vllm" else "hf")
+        out = train_rlhfkit(args, Path(args.workdir), clock, "vllm" if args.side == "rlhfkit-vllm" else "hf",
+                            "dynamic" if args.side == "rlhfkit-generate" else args.hf_cache)
     if out["steps"] != args.warmup + args.steps:
         raise RuntimeError(f"{args.side} ran {out['steps']} steps, not {args.warmup + args.steps}")
     summary = clock.summary(args.warmup)
@@ -281,8 +283,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--sides", default="rlhfkit,trl")
-    parser.add_argument("--hf-cache", choices=("dynamic", "static"), default="dynamic",
-                        help="the rlhfkit side's hf engine KV cache")
+    parser.add_argument("--hf-cache", choices=("in-place", "dynamic", "static"), default="in-place",
+                        help="the rlhfkit side's hf engine KV cache (rlhfkit-generate: transformers generate "
+                             "with its dynamic cache)")
     parser.add_argument("--vllm-python", default=os.environ.get("RLHFKIT_VLLM_PYTHON"))
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--beta-value", type=float, help=argparse.SUPPRESS)

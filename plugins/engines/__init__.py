@@ -1,7 +1,7 @@
 """Generation engines: what samples an algorithm's responses (kind ``engine``).
 
-- ``hf``: the policy's own transformers ``generate`` with the KV cache, in the trainer's
-  process; always in sync with the trained weights.
+- ``hf``: the policy's own model with the KV cache, in the trainer's process (rlhfkit's
+  in-place-cache loop, or transformers ``generate``); always in sync with the trained weights.
 - ``vllm``: vLLM in a process of its own (optionally another environment's interpreter),
   with the trained weights pushed into it before every rollout that follows an update.
 
@@ -22,9 +22,10 @@ from rlhfkit import ComponentSpec, hookimpl, lazy
 
 class HFEngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cache: Literal["dynamic", "static"] = Field(
-        "dynamic", description="transformers KV cache: dynamic (grows each token) or static (preallocated "
-                               "to prompt + max_new_tokens)")
+    cache: Literal["in-place", "dynamic", "static"] = Field(
+        "in-place", description="KV cache: in-place (rlhfkit's sampling loop over a cache written in place; "
+                                "the same samples as transformers generate), or transformers generate with its "
+                                "dynamic (grows by concatenation each token) or static (preallocated) cache")
 
 
 class VLLMEngineConfig(BaseModel):
@@ -70,7 +71,7 @@ class VLLMEngineConfig(BaseModel):
 def rlhfkit_components() -> list[ComponentSpec]:
     return [
         ComponentSpec(kind="engine", name="hf", config=HFEngineConfig, factory=lazy("rlhfkit.plugins.engines.hf:HFEngine"),
-                      doc="transformers generate with the KV cache, in the trainer's process (default)",
+                      doc="the policy's own model with the KV cache (written in place), in the trainer's process (default)",
                       provides=frozenset({"start"})),
         ComponentSpec(kind="engine", name="vllm", config=VLLMEngineConfig,
                       factory=lazy("rlhfkit.plugins.engines.vllm_engine:VLLMEngine"),

@@ -17,6 +17,7 @@ from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, Pre
 
 from rlhfkit import Generation, NonFiniteError, atomic_directory, encode_pairs, encode_prompts
 from rlhfkit.plugins.policy.config import TransformersPolicyConfig
+from rlhfkit.plugins.policy.decode import sample_in_place
 
 
 class TransformersPolicy:
@@ -79,7 +80,7 @@ class TransformersPolicy:
     @torch.no_grad()  # not inference_mode: the ids feed later autograd forwards (PPO)
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
                do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               logprobs: bool = True, cache: str = "dynamic") -> Generation:
+               logprobs: bool = True, cache: str = "in-place") -> Generation:
         """Sample one response per prompt with the KV cache, in eval mode (no dropout).
 
         Args:
@@ -89,13 +90,44 @@ class TransformersPolicy:
             top_k: 0 keeps every token; top_p: 1.0 keeps every token.
             logprobs: also return each sampled token's log-prob on ``logits / temperature``
                 (the full distribution, before top-k/top-p), from the sampling forward.
-            cache: transformers' KV cache, ``dynamic`` or ``static`` (preallocated).
+            cache: ``in-place`` (:mod:`rlhfkit.plugins.policy.decode`: the same samples as
+                transformers ``generate``, without copying the cache each token), or
+                ``generate`` with its ``dynamic`` or ``static`` (preallocated) cache.
         Returns:
             a :class:`rlhfkit.Generation`: ``response_ids [B, T]`` right-padded with PAD
             (``T <= max_new_tokens``: sampling stops once every row emitted EOS),
             ``response_mask [B, T]``, 1 up to and including each row's first EOS
             (everything when a row never emitted one), and ``logprobs [B, T]`` or None.
         """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if cache == "in-place":
+                sampled = sample_in_place(
+                    self.model, self.model.config, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    logprobs=logprobs)
+                response_ids, recorded = sampled.tokens, sampled.logprobs
+            else:
+                response_ids, recorded = self._generate(prompt_ids, prompt_mask, max_new_tokens, do_sample,
+                                                        temperature, top_k, top_p, logprobs, cache)
+        except RuntimeError as exc:  # torch.multinomial on NaN/Inf probabilities
+            if "probability tensor contains" in str(exc):
+                raise NonFiniteError("the policy's sampling probabilities",
+                                     detail="its logits are NaN/Inf: overflow in the forward pass?") from None
+            raise
+        finally:
+            self.model.train(was_training)
+        response_mask = mask_after_eos(response_ids, self.tokenizer.eos_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        token_logprobs = recorded * response_mask if recorded is not None else None
+        return Generation(response_ids, response_mask, token_logprobs)
+
+    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                  do_sample: bool, temperature: float, top_k: int, top_p: float, logprobs: bool,
+                  cache: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """transformers ``generate``: response ids and the recorded log-probs (or None)."""
         sampling = ({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample
                     else {})
         # Every sampling setting explicit: transformers fills unset ones from the model's
@@ -106,24 +138,11 @@ class TransformersPolicy:
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             **({"cache_implementation": "static"} if cache == "static" else {}), **sampling)
         recorder = _LogprobRecorder(temperature) if logprobs else None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                            generation_config=generation_config,
-                                            logits_processor=[recorder] if recorder else None)
-        except RuntimeError as exc:  # torch.multinomial on NaN/Inf probabilities
-            if "probability tensor contains" in str(exc):
-                raise NonFiniteError("the policy's sampling probabilities",
-                                     detail="its logits are NaN/Inf: overflow in the forward pass?") from None
-            raise
-        finally:
-            self.model.train(was_training)
+        sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=generation_config,
+                                        logits_processor=[recorder] if recorder else None)
         response_ids = sequences[:, prompt_ids.shape[1]:]
-        response_mask = mask_after_eos(response_ids, self.tokenizer.eos_token_id)
-        response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
-        token_logprobs = recorder.finish(response_ids) * response_mask if recorder else None
-        return Generation(response_ids, response_mask, token_logprobs)
+        return response_ids, recorder.finish(response_ids) if recorder else None
 
     def generate(self, prompts: Sequence[Any], *, max_new_tokens: int, do_sample: bool,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
