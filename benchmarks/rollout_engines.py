@@ -1,10 +1,11 @@
-"""Rollout throughput of the generation engines: ``hf`` (transformers ``generate``, dynamic
-and static KV cache) against ``vllm``, on the same model, prompts and sampling settings.
+"""Rollout throughput of the generation engines: ``hf`` (transformers ``generate`` with its
+dynamic or static KV cache, and rlhfkit's in-place cache) against ``vllm``, on the same
+model, prompts and sampling settings.
 
     python benchmarks/rollout_engines.py --vllm-python ~/venvs/vllm/bin/python \\
         [--layers 12] [--hidden 768] [--heads 12] [--kv-heads 4] [--vocabulary 32768]
         [--prompts 8] [--samples 8] [--prompt-length 32] [--new-tokens 64]
-        [--rollouts 3] [--repeats 2] [--threads 1] [--device cpu|cuda] [--engines hf,hf-static,vllm]
+        [--rollouts 3] [--repeats 2] [--threads 1] [--device cpu|cuda] [--engines hf,hf-static,hf-in-place,vllm]
 
 The model is a Qwen2-style decoder built from a config with a fixed seed (default ~110M
 parameters: 12 layers x 768, 12 heads, 4 KV heads, 2048 feed-forward, tied embeddings)
@@ -90,7 +91,7 @@ def run_engine(args: argparse.Namespace) -> None:
         settings = {"name": "vllm", "python": args.vllm_python, "kv_cache_gb": 2.0, "check": "never",
                     "threads_bind": ",".join(map(str, cores)), "threads": args.threads}
     else:
-        settings = {"name": "hf", "cache": "static" if args.engine == "hf-static" else "dynamic"}
+        settings = {"name": "hf", "cache": {"hf-static": "static", "hf-in-place": "in-place"}.get(args.engine, "dynamic")}
     engine = context.build(ref("engine")(**settings))
     started = time.perf_counter()
     engine.start(policy)
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each engine, alternating")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--engines", default="hf,hf-static,vllm")
+    parser.add_argument("--engines", default="hf,hf-in-place,hf-static,vllm")
     parser.add_argument("--vllm-python", default=os.environ.get("RLHFKIT_VLLM_PYTHON"))
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
