@@ -1,7 +1,10 @@
-"""Reward sources that combine other reward sources, and rewards written in Python.
+"""Reward sources that combine other reward sources, rewards written in Python, and
+rule rewards for answers that can be checked.
 
-Contributes the reward ``python`` (a function in a file the recipe names, called as TRL
-calls reward functions) and the reward ``composite``: a weighted sum of any registered
+Contributes the rewards ``verifier`` (a completion's final answer against the row's
+answer column) and ``format`` (a regular expression), the reward ``python`` (a function
+in a file the recipe names, called as TRL calls reward functions) and the reward
+``composite``: a weighted sum of any registered
 rewards (learned reward models, rule rewards such as ``gold``, Python ones, other
 composites)::
 
@@ -12,22 +15,24 @@ composites)::
         - {reward: {name: reward-model, stage: rm}, weight: 0.5}
 
 This module holds only the settings and the registration; the implementation lives in
-``composite.py`` and is imported when a reward is built, so listing plugins stays fast.
+``composite.py``, ``python.py`` and ``verifier.py`` and is imported when a reward is built, so listing plugins stays fast.
 See docs/rewards.md.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhfkit import ComponentRef, ComponentSpec, Problem, StageContext, UserError, hookimpl, ref
 from rlhfkit.files import decode_utf8
 from rlhfkit.registry import walk
 
-__all__ = ["CompositeConfig", "CompositeTerm", "PythonRewardConfig", "rlhfkit_components"]
+__all__ = ["CompositeConfig", "CompositeTerm", "FormatConfig", "PythonRewardConfig", "VerifierConfig",
+           "rlhfkit_components"]
 
 RewardRef = ref("reward")
 
@@ -95,6 +100,95 @@ def make_python(config: PythonRewardConfig, context: StageContext | None) -> Any
     return PythonReward(function, path, name, config.batch_size, config.weight)
 
 
+EXTRACTION_RULES = ("boxed", "answer-line", "hash", "last-number", "whole")
+
+
+def _rules(rules: list[str]) -> list[str]:
+    for rule in rules:
+        if rule.startswith("regex:"):
+            try:
+                re.compile(rule[len("regex:"):])
+            except re.error as exc:
+                raise ValueError(f"{rule!r} is not a valid regular expression: {exc}") from None
+        elif rule not in EXTRACTION_RULES:
+            raise ValueError(f"unknown extraction rule {rule!r}; use {', '.join(EXTRACTION_RULES)} or regex:PATTERN")
+    return rules
+
+
+class VerifierConfig(BaseModel):
+    """Checks each completion's final answer against the row's answer column."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer_field: str = Field("answer", description="the prompt rows' column holding the reference answer")
+    extract: list[str] = Field(["boxed", "answer-line", "last-number"], min_length=1, description=(
+        "how a completion's final answer is found, the first rule that finds one wins: boxed (the last "
+        "\\boxed{...}), answer-line ('answer: ...', 'the answer is ...'), hash (GSM8K's '#### 42'), "
+        "last-number, whole, regex:PATTERN (its first group)"))
+    gold_extract: list[str] = Field(["hash", "boxed", "whole"], min_length=1, description=(
+        "how the answer column is read, same rules (a GSM8K solution ending in '#### 42' gives 42)"))
+    match: Literal["symbolic", "numeric", "exact", "regex", "math-verify"] = Field("symbolic", description=(
+        "numeric: numbers within `tolerance` (1,000 = 1000, 3/4 = 0.75, units and $ dropped, 12% = 12 or "
+        "0.12); symbolic: numeric, else sympy finds the difference 0 ((x+1)^2 = x^2+2x+1, 2\\sqrt{2} = "
+        "\\sqrt{8}); exact: normalised text; regex: the answer column is a pattern the answer matches whole; "
+        "math-verify: the math-verify package (pip install 'rlhfkit[math]')"))
+    tolerance: float = Field(1e-6, gt=0, description="relative tolerance of numeric comparisons")
+    correct: float = Field(1.0, allow_inf_nan=False, description="score of a correct answer")
+    wrong: float = Field(0.0, allow_inf_nan=False, description="score of a wrong answer")
+    no_answer: float = Field(0.0, allow_inf_nan=False, description="score when no answer is found")
+    timeout_s: float = Field(2.0, gt=0, description=(
+        "symbolic and math-verify checks run in a worker process; one that takes longer is scored wrong"))
+
+    @field_validator("extract", "gold_extract")
+    @classmethod
+    def _known_rules(cls, rules: list[str]) -> list[str]:
+        return _rules(rules)
+
+    @field_validator("match")
+    @classmethod
+    def _installed(cls, match: str) -> str:
+        if match == "math-verify":
+            import importlib.util
+
+            if importlib.util.find_spec("math_verify") is None:
+                raise ValueError("match: math-verify needs the math-verify package: pip install 'rlhfkit[math]' "
+                                 "(or use match: symbolic, which needs nothing more)")
+        return match
+
+
+class FormatConfig(BaseModel):
+    """A format check: does the completion have the shape asked for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field(r"\\boxed\{.+\}", description=(
+        "regular expression (Python, DOTALL) the completion must contain; default: a \\boxed{} answer"))
+    whole: bool = Field(False, description="the whole completion (stripped) must match, not just contain it")
+    reward: float = Field(1.0, allow_inf_nan=False, description="score when it matches")
+    penalty: float = Field(0.0, allow_inf_nan=False, description="score when it does not")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+
+def make_verifier(config: VerifierConfig, context: StageContext | None) -> Any:
+    from rlhfkit.plugins.rewards.verifier import VerifierReward
+
+    return VerifierReward(config)
+
+
+def make_format(config: FormatConfig, context: StageContext | None) -> Any:
+    from rlhfkit.plugins.rewards.verifier import FormatReward
+
+    return FormatReward(config)
+
+
 @hookimpl
 def rlhfkit_components() -> list[ComponentSpec]:
     return [
@@ -103,6 +197,11 @@ def rlhfkit_components() -> list[ComponentSpec]:
                       provides=frozenset({"to", "score_terms"})),
         ComponentSpec(kind="reward", name="python", config=PythonRewardConfig, factory=make_python,
                       doc="a reward function in a Python file the recipe names (TRL's reward-function shape)"),
+        ComponentSpec(kind="reward", name="verifier", config=VerifierConfig, factory=make_verifier,
+                      doc="the completion's final answer checked against the row's answer (numeric, symbolic, "
+                          "exact, regex, math-verify)"),
+        ComponentSpec(kind="reward", name="format", config=FormatConfig, factory=make_format,
+                      doc="whether the completion matches a regular expression (e.g. has a \\boxed{} answer)"),
     ]
 
 
