@@ -15,6 +15,7 @@ from rlhfkit.errors import (
 )
 from rlhfkit.files import atomic_directory, atomic_write_text, write_samples
 from rlhfkit.interfaces import (
+    LOSS_MASK,
     Advantages,
     Algorithm,
     Constraint,
@@ -106,6 +107,7 @@ __all__ = [
     "CAPABILITIES",
     "CHAT_MODES",
     "KINDS",
+    "LOSS_MASK",
     "Advantages",
     "Algorithm",
     "ComponentRef",

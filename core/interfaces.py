@@ -95,6 +95,10 @@ Row = PromptCompletion | Conversation | Preference | Ranking | Prompt | Feedback
 
 # ------------------------------------------------------------------------ batches
 
+#: ``Rollout.extras`` key of a per-sample ``[B]`` loss weight: 0 leaves a sample out of the
+#: policy loss and of its token count (DAPO's overlong filtering); absent: every sample counts.
+LOSS_MASK = "loss_mask"
+
 
 @dataclass
 class Rollout:
@@ -127,7 +131,7 @@ class Rollout:
             the algorithm adds ``scores`` at the last real token.
         advantages, returns: ``[B, T]`` from the estimator (returns: critic targets).
         extras: per-sample ``[B, ...]`` tensors an estimator or constraint needs beyond
-            these (e.g. a greedy baseline's scores); sliced with the rest.
+            these (e.g. a greedy baseline's scores, :data:`LOSS_MASK`); sliced with the rest.
         fields: per sample, the other columns of its prompt's data row (``Prompt.fields``),
             for reward sources that read them; ``None`` when not collected.
     """

@@ -162,3 +162,41 @@ def test_reference_ema_moves_the_reference_towards_the_policy():
     ema.after_update(rollout())
     for old, new in zip(before, algorithm.reference.parameters(), strict=True):
         torch.testing.assert_close(new, old + 0.25)
+
+
+# ------------------------------------------------------------------ DAPO's overlong handling
+def bound(constraint, max_new_tokens: int):
+    constraint.bind(SimpleNamespace(config=SimpleNamespace(sampling=SimpleNamespace(max_new_tokens=max_new_tokens))))
+    return constraint
+
+
+def test_soft_overlong_punishment_by_hand():
+    """L_max 10, L_cache 4: no penalty up to 6 tokens, then (|y| - 6) / 4, 1 at the limit."""
+    lengths = [5, 6, 7, 9, 10]
+    r = rollout(scores=(1.0,) * 5)
+    r.response_mask = torch.tensor([[1] * n + [0] * (10 - n) for n in lengths])
+    metrics = bound(build("overlong-penalty", buffer=4, penalty=0.5), 10).shape_rewards(r)
+    over = torch.tensor([0.0, 0.0, 0.25, 0.75, 1.0])
+    torch.testing.assert_close(r.scores, 1.0 - 0.5 * over)
+    assert metrics["overlong/rate"] == pytest.approx(3 / 5)
+    assert metrics["overlong/penalty"] == pytest.approx(0.5 * 2.0 / 5)
+
+
+def test_overlong_buffer_defaults_to_a_share_of_the_limit_and_must_fit():
+    assert bound(build("overlong-penalty"), 20).buffer == 4  # 0.2 x 20
+    assert bound(build("overlong-penalty", buffer_fraction=0.01), 20).buffer == 1
+    with pytest.raises(UserError, match="buffer 10 must be smaller than sampling.max_new_tokens 10"):
+        bound(build("overlong-penalty", buffer=10), 10)
+
+
+def test_overlong_filter_leaves_truncated_responses_out_of_the_loss():
+    from rlhfkit import LOSS_MASK
+    from rlhfkit.plugins.ppo.module import loss_mask
+
+    r = rollout()
+    metrics = build("overlong-filter").shape_rewards(r)
+    assert r.extras[LOSS_MASK].tolist() == [1.0, 1.0, 0.0, 1.0] and metrics["overlong/filtered"] == 0.25
+    expected = torch.tensor([[1.0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    torch.testing.assert_close(loss_mask(r), expected)
+    torch.testing.assert_close(loss_mask(r, torch.tensor([2, 3])), expected[2:])
+    torch.testing.assert_close(r.scores, torch.tensor([1.0, -2.0, 3.0, 0.5]))  # scores untouched

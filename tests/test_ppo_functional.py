@@ -327,3 +327,45 @@ def test_score_after_eos():
     assert score_to_token_rewards(SCORES, SCORE_MASK, "after-eos").tolist() == expected
     with pytest.raises(ValueError, match="unknown score position"):
         score_to_token_rewards(SCORES, SCORE_MASK, "first")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- GSPO
+def test_gspo_on_a_hand_example():
+    """Row 0: mean log-ratio 0.1, s = e^0.1 = 1.10517, A = 2 -> clipped to 1.05: L = -2.1.
+    Row 1: s = e^-0.5 = 0.60653, A = -1 -> clipped to 0.95: L = 0.95. Row 2: s = 1, A = 0.5:
+    L = -0.5, not clipped. Row 3: no real token, left out. Loss (-2.1 + 0.95 - 0.5) / 3."""
+    from rlhfkit.plugins.ppo.functional import gspo_loss
+
+    old = torch.zeros(4, 3)
+    logprobs = torch.tensor([[0.3, -0.1, 0.1], [-0.5, G, G], [0.01, -0.01, G], [G, G, G]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    advantages = torch.tensor([[2.0, 2, 2], [-1, G, G], [0.5, 0.5, G], [G, G, G]])
+    loss, metrics = gspo_loss(logprobs, old, advantages, mask, clip_low=0.05, clip_high=0.05)
+    assert loss.item() == pytest.approx((-2.1 + 0.95 - 0.5) / 3, abs=1e-6)
+    assert metrics["policy/clip_fraction"].item() == pytest.approx(2 / 3)
+    assert metrics["policy/sequence_ratio"].item() == pytest.approx((math.exp(0.1) + math.exp(-0.5) + 1) / 3, rel=1e-6)
+    loss.backward()
+    # d/d logp_t of -A s / 3 with s = exp(mean_t): -A s / (|y| 3) on row 2's tokens; clipped rows get none
+    expected = torch.zeros(4, 3)
+    expected[2, :2] = -0.5 * 1.0 / (2 * 3)
+    torch.testing.assert_close(logprobs.grad, expected, atol=1e-6, rtol=0)
+
+
+def test_gspo_sequence_advantage_is_the_token_mean_and_empty_rows_give_zero():
+    from rlhfkit.plugins.ppo.functional import gspo_loss
+
+    logprobs = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = gspo_loss(logprobs, torch.zeros(1, 2), torch.tensor([[1.0, 3.0]]), torch.ones(1, 2))
+    assert loss.item() == pytest.approx(-2.0)  # s = 1, A = mean(1, 3)
+    empty, _ = gspo_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2))
+    assert empty.item() == 0.0
+
+
+def test_gspo_extreme_ratios_stay_finite():
+    from rlhfkit.plugins.ppo.functional import gspo_loss
+
+    logprobs = torch.tensor([[200.0, 150.0], [-300.0, -100.0]], requires_grad=True)
+    loss, metrics = gspo_loss(logprobs, torch.zeros(2, 2), torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), torch.ones(2, 2))
+    assert torch.isfinite(loss) and torch.isfinite(metrics["policy/sequence_ratio"])
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()

@@ -7,6 +7,9 @@ term and/or updates state after an iteration, and acts in recipe order.
 - ``reward-norm``: reward scaling by a running std (MOSS), or normalise + clip on
   running moments (MOSS PPO-max), or clip only.
 - ``missing-eos``: a penalty on responses that hit the length limit without EOS.
+- ``overlong-penalty``: DAPO's soft overlong punishment, a penalty growing linearly over
+  the last tokens before the length limit.
+- ``overlong-filter``: DAPO's overlong filtering, truncated responses left out of the loss.
 - ``entropy``: an entropy bonus (or MOSS's pull towards a target entropy).
 - ``ptx``: pretraining-loss mixing with its own dataset (InstructGPT PPO-ptx).
 - ``reference-ema``: the reference model follows the policy (Xu et al. 2024), or is
@@ -21,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit import ComponentSpec, hookimpl, lazy, ref
+from rlhfkit import ComponentRef, ComponentSpec, Problem, hookimpl, lazy, ref
 
 
 class AdaptiveKLSettings(BaseModel):
@@ -55,6 +58,25 @@ class MissingEOSConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     penalty: float = Field(1.0, description="subtracted from the score of a response that hit the length limit "
                                             "without EOS (TRL suggests 1.0)")
+
+
+class OverlongPenaltyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    buffer: int | None = Field(None, ge=1, description=(
+        "L_cache: the penalty grows over the last `buffer` tokens before sampling.max_new_tokens; "
+        "default: buffer_fraction of max_new_tokens"))
+    buffer_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "the buffer as a share of max_new_tokens when `buffer` is unset (DAPO: 4096 of 20480)"))
+    penalty: float = Field(1.0, gt=0, description="the penalty at the limit (DAPO: 1.0)")
+
+
+def overlong_buffer(config: OverlongPenaltyConfig, limit: int) -> int:
+    """L_cache in tokens for a length limit of ``limit`` new tokens."""
+    return config.buffer if config.buffer is not None else max(1, round(config.buffer_fraction * limit))
+
+
+class OverlongFilterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class EntropyConfig(BaseModel):
@@ -94,8 +116,34 @@ def rlhfkit_components() -> list[ComponentSpec]:
         spec("reward-norm", RewardNormConfig, "RewardNorm", "reward scaling, or normalise + clip, on running moments",
              "shape_rewards", *state),
         spec("missing-eos", MissingEOSConfig, "MissingEOS", "penalise responses that end without EOS", "shape_rewards"),
+        spec("overlong-penalty", OverlongPenaltyConfig, "OverlongPenalty",
+             "DAPO's soft overlong punishment: a linear penalty over the last tokens before the limit",
+             "bind", "shape_rewards"),
+        spec("overlong-filter", OverlongFilterConfig, "OverlongFilter",
+             "DAPO's overlong filtering: truncated responses are left out of the loss", "shape_rewards"),
         spec("entropy", EntropyConfig, "EntropyBonus", "entropy bonus (or pull towards a target entropy)", "loss"),
         spec("ptx", PtxConfig, "PretrainMix", "pretraining-loss mixing with its own data (PPO-ptx)", "bind", "loss"),
         spec("reference-ema", ReferenceEMAConfig, "ReferenceEMA", "the reference follows the policy by EMA",
              "bind", "after_update", *state),
     ]
+
+
+@hookimpl
+def rlhfkit_check_recipe(recipe, registry) -> list[Problem]:
+    """An ``overlong-penalty`` buffer leaves room below its stage's ``max_new_tokens``
+    (checked by ``validate``, as ``run`` would fail on it)."""
+    problems = []
+    for stage in recipe.stages:
+        sampling = getattr(stage.algorithm._config, "sampling", None)
+        limit = getattr(sampling, "max_new_tokens", None)
+        constraints = stage.slots.get("constraints") or []
+        for i, node in enumerate(constraints if isinstance(constraints, list) else [constraints]):
+            if limit is None or not isinstance(node, ComponentRef) or node.name != "overlong-penalty" \
+                    or node._config is None:
+                continue
+            buffer = overlong_buffer(node.config, limit)
+            if buffer >= limit:
+                problems.append(Problem(str(recipe.path), f"stages.{stage.name}.constraints.{i}.buffer",
+                                        f"buffer {buffer} must be smaller than sampling.max_new_tokens {limit}",
+                                        "a buffer of about a fifth of max_new_tokens (DAPO: 4096 of 20480)"))
+    return problems

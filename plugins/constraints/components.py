@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rlhfkit import (
+    LOSS_MASK,
     LossTerm,
     PolicyOutput,
     PromptCompletion,
@@ -27,9 +28,12 @@ from rlhfkit.plugins.constraints import (
     EntropyConfig,
     KLConfig,
     MissingEOSConfig,
+    OverlongFilterConfig,
+    OverlongPenaltyConfig,
     PtxConfig,
     ReferenceEMAConfig,
     RewardNormConfig,
+    overlong_buffer,
 )
 from rlhfkit.plugins.ppo.functional import AdaptiveKLController, FixedKLController
 
@@ -122,6 +126,51 @@ class MissingEOS:
     def shape_rewards(self, rollout: Rollout) -> dict[str, float]:
         rollout.scores = rollout.scores - self.penalty * rollout.truncated.float()
         return {"missing_eos/rate": float(rollout.truncated.float().mean())}
+
+
+class OverlongPenalty:
+    """DAPO's soft overlong punishment: with ``L_max`` = ``sampling.max_new_tokens`` and
+    ``L_cache`` the buffer, ``score += 0`` when ``|y| <= L_max − L_cache``, else
+    ``score −= penalty · (|y| − (L_max − L_cache)) / L_cache`` (``−penalty`` at the limit)."""
+
+    needs_reference = needs_old_logprobs = False
+
+    def __init__(self, config: OverlongPenaltyConfig, context: StageContext):
+        self.config = config
+        self.limit: int | None = None
+        self.buffer: int | None = None
+
+    def bind(self, algorithm: Any) -> None:
+        self.limit = algorithm.config.sampling.max_new_tokens
+        self.buffer = overlong_buffer(self.config, self.limit)
+        if self.buffer >= self.limit:
+            raise UserError(f"constraint overlong-penalty: buffer {self.buffer} must be smaller than "
+                            f"sampling.max_new_tokens {self.limit} (the penalty starts at max_new_tokens - buffer)")
+
+    def shape_rewards(self, rollout: Rollout) -> dict[str, float]:
+        lengths = rollout.response_mask.sum(1).to(rollout.scores.dtype)
+        over = ((lengths - (self.limit - self.buffer)) / self.buffer).clamp(min=0, max=1)
+        rollout.scores = rollout.scores - self.config.penalty * over
+        return {"overlong/penalty": float((self.config.penalty * over).mean()),
+                "overlong/rate": float((over > 0).float().mean())}
+
+
+class OverlongFilter:
+    """DAPO's overlong filtering: a response that hit the length limit without EOS gets a
+    loss weight of 0 (``rollout.extras["loss_mask"]``): its tokens are neither in the
+    policy loss nor in its token count. Its score still counts in its group's statistics."""
+
+    needs_reference = needs_old_logprobs = False
+
+    def __init__(self, config: OverlongFilterConfig, context: StageContext):
+        self.config = config
+
+    def shape_rewards(self, rollout: Rollout) -> dict[str, float]:
+        keep = (~rollout.truncated).to(torch.float32)
+        if LOSS_MASK in rollout.extras:
+            keep = keep * rollout.extras[LOSS_MASK].to(torch.float32)
+        rollout.extras[LOSS_MASK] = keep
+        return {"overlong/filtered": float(1 - keep.mean())}
 
 
 class EntropyBonus:

@@ -8,6 +8,8 @@
   head on its own backbone, from the reward model, the SFT model or a path).
 - objective ``ppo-clip``: the clipped surrogate (asymmetric epsilon, dual clip, the
   loss-aggregation choices of spec §F).
+- objective ``gspo``: GSPO's sequence-level, length-normalised ratio with sequence-level
+  clipping (Zheng et al. 2025).
 
 Every detail, its recipe field and its source: docs/ppo-details.md. Settings and
 registration live here; the torch code is imported when a stage is built.
@@ -104,6 +106,13 @@ class PPOClipConfig(BaseModel):
         "min(exp(old - engine), tis_cap) (verl/TRL use 2); null: off"))
 
 
+class GSPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clip_low: float = Field(3e-4, gt=0, lt=1, description=(
+        "epsilon below 1 of the sequence ratio (the paper's 3e-4: a length-normalised ratio moves little)"))
+    clip_high: float = Field(4e-4, gt=0, description="epsilon above 1 of the sequence ratio (the paper's 4e-4)")
+
+
 SLOTS = {
     "policy": Slot("policy", doc="the model to optimise, e.g. {name: transformers, from_stage: sft}"),
     "engine": Slot("engine", required=False, doc="what samples the rollouts: hf (default) or vllm"),
@@ -131,5 +140,8 @@ def rlhfkit_components() -> list[ComponentSpec]:
                       provides=frozenset({"bind", "prepare", "critic_loss"})),
         ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=lazy("rlhfkit.plugins.ppo.objective:PPOClip"),
                       doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)",
+                      tags=frozenset({"policy-loss"})),
+        ComponentSpec(kind="objective", name="gspo", config=GSPOConfig, factory=lazy("rlhfkit.plugins.ppo.objective:GSPO"),
+                      doc="GSPO: a length-normalised sequence ratio, clipped per sequence (Zheng et al. 2025)",
                       tags=frozenset({"policy-loss"})),
     ]

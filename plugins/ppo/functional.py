@@ -158,6 +158,48 @@ def policy_loss(
     return aggregate(loss, mask, aggregation, constant), metrics
 
 
+def gspo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025): a sequence-level, length-normalised ratio, clipped per sequence.
+
+    ``s_i = exp((1/|y_i|) Σ_t (logp − old))`` (the geometric mean of the token ratios),
+    ``A_i`` the sequence's advantage (the mean of its tokens' advantages: the one value
+    an outcome reward gives every token), ``L_i = max(−A_i·s_i, −A_i·clip(s_i, 1−ε_low,
+    1+ε_high))``, and the loss the mean of ``L_i`` over the sequences with a real token
+    (a sequence without one contributes nothing; all empty: 0). The sequence log-ratio
+    is capped at 10 (verl's cap), so an extreme ratio gives a finite loss.
+
+    Returns ``(loss, metrics)``: ``policy/clip_fraction`` (share of sequences whose
+    clipped term is taken), ``policy/approx_kl`` (k3 on the token ratios, as
+    :func:`policy_loss`), ``policy/kl_k1`` and ``policy/sequence_ratio`` (mean ``s_i``).
+    """
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(-1)
+    has_tokens = (lengths > 0).to(logprobs.dtype)
+    log_ratio = _zero_padding(logprobs - old_logprobs, mask)
+    # capped at 10 (as verl): exp of a larger log-ratio overflows fp32 to inf, and the loss with it
+    sequence_log_ratio = (log_ratio.sum(-1) / lengths.clamp(min=1)).clamp(max=10.0)
+    advantage = _zero_padding(advantages, mask).sum(-1) / lengths.clamp(min=1)
+    ratio = torch.exp(sequence_log_ratio)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = masked_mean(torch.maximum(unclipped, clipped), has_tokens)
+    with torch.no_grad():
+        metrics = {
+            "policy/clip_fraction": masked_mean((clipped > unclipped).to(logprobs.dtype), has_tokens),
+            "policy/approx_kl": masked_mean(kl_estimate(-log_ratio, torch.zeros_like(log_ratio), "k3"), mask),
+            "policy/kl_k1": masked_mean(-log_ratio, mask),
+            "policy/sequence_ratio": masked_mean(ratio, has_tokens),
+        }
+    return loss, metrics
+
+
 def tis_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 
 from rlhfkit import (
+    LOSS_MASK,
     LossTerm,
     PolicyOutput,
     Rollout,
@@ -197,7 +198,8 @@ class PPO(L.LightningModule):
         seen: list[tuple[torch.Tensor, torch.Tensor, Rollout]] = []
         share = self.section.batch_size // self.trainer.world_size
         # a 0-dim tensor: no host sync (only a global-token-mean loss divides by it)
-        global_tokens = self.experience.response_mask[whole].sum() / (self.trainer.world_size * len(pieces))
+        global_tokens = loss_mask(self.experience, whole).sum().clamp(min=1) / (
+            self.trainer.world_size * len(pieces))
         loss_sum = torch.zeros((), device=self.device)
         for i, piece in enumerate(pieces):
             with gradient_sync(self, last=i == len(pieces) - 1):
@@ -247,7 +249,7 @@ class PPO(L.LightningModule):
             piece.logprobs[index] = logprobs.detach()[index].to(piece.logprobs.dtype)
         if seen is not None:
             seen.append((logprobs.detach(), piece.response_mask, piece))
-        output = PolicyOutput(logprobs, entropy, piece.response_mask.float(), global_tokens,
+        output = PolicyOutput(logprobs, entropy, loss_mask(piece), global_tokens,
                               self.config.sampling.max_new_tokens)
         policy_terms = [self.objective(piece, output)]
         for constraint in self.constraints:
@@ -417,3 +419,13 @@ class PPO(L.LightningModule):
             if name in getattr(self, "_rollout_log", {}):
                 out[f"last_{name.replace('/', '_')}"] = self._rollout_log[name]
         return out
+
+
+def loss_mask(rollout: Rollout, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` float (of ``rows`` only, when given): the response mask, times the
+    per-sample weight of :data:`rlhfkit.LOSS_MASK` where a constraint set one."""
+    mask = rollout.response_mask.float() if rows is None else rollout.response_mask[rows].float()
+    weight = rollout.extras.get(LOSS_MASK)
+    if weight is None:
+        return mask
+    return mask * (weight if rows is None else weight[rows]).to(mask)[:, None]

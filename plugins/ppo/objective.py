@@ -1,12 +1,12 @@
-"""The ``ppo-clip`` policy objective (spec §F)."""
+"""The ``ppo-clip`` (spec §F) and ``gspo`` policy objectives."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rlhfkit import LossTerm, PolicyOutput, Rollout
-from rlhfkit.plugins.ppo import PPOClipConfig
-from rlhfkit.plugins.ppo.functional import policy_loss, tis_weights
+from rlhfkit.plugins.ppo import GSPOConfig, PPOClipConfig
+from rlhfkit.plugins.ppo.functional import gspo_loss, policy_loss, tis_weights
 
 
 class PPOClip:
@@ -35,3 +35,19 @@ class PPOClip:
         if self.config.aggregation == "token-sum-norm":
             return output.max_tokens
         return None
+
+
+class GSPO:
+    """Group Sequence Policy Optimization: ``s_i = exp(mean_t(logp − old))`` per sequence,
+    ``L = mean_i max(−A_i·s_i, −A_i·clip(s_i, 1−ε_low, 1+ε_high))``
+    (:func:`rlhfkit.plugins.ppo.functional.gspo_loss`)."""
+
+    needs_reference = False
+
+    def __init__(self, config: GSPOConfig, context: Any = None):
+        self.config = config
+
+    def __call__(self, minibatch: Rollout, output: PolicyOutput) -> LossTerm:
+        loss, metrics = gspo_loss(output.logprobs, minibatch.logprobs, minibatch.advantages, output.mask,
+                                  clip_low=self.config.clip_low, clip_high=self.config.clip_high)
+        return LossTerm(loss, {"policy/loss": loss.detach(), **metrics})
