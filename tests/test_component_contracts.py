@@ -20,8 +20,9 @@ REGISTRY = PLUGINS.registry
 
 # (recipe, stage, slot) -> the built-in components that fit it
 FITS = {
-    ("ppo.yaml", "ppo", "objective"): {"ppo-clip"},
-    ("ppo.yaml", "ppo", "constraints"): {"kl", "reward-norm", "missing-eos", "entropy", "ptx", "reference-ema"},
+    ("ppo.yaml", "ppo", "objective"): {"ppo-clip", "gspo"},
+    ("ppo.yaml", "ppo", "constraints"): {"kl", "reward-norm", "missing-eos", "entropy", "ptx", "reference-ema",
+                                         "overlong-penalty", "overlong-filter"},
     ("ppo.yaml", "ppo", "estimator"): {"gae", "reinforce", "rloo", "grpo", "remax", "reinforce++"},
     ("dpo.yaml", "dpo", "objective"): {"dpo", "cdpo", "robust-dpo", "ipo", "hinge", "simpo", "orpo", "kto"},
     ("dpo.yaml", "dpo", "constraints"): {"reference-ema"},
