@@ -17,9 +17,9 @@ registration live here; the torch code is imported when a stage is built.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhfkit import ComponentSpec, OptimizerSettings, SamplingSettings, Slot, hookimpl, lazy, ref
 from rlhfkit.registry import PROMPTED
@@ -32,6 +32,16 @@ class AdvantageSettings(BaseModel):
     whiten: Literal["batch", "minibatch", "none"] = Field(
         "batch", description="whiten advantages over the rollout (TRL, verl) or per minibatch (OpenAI)")
     clip: float | None = Field(None, gt=0, description="clip whitened advantages to ±clip (MOSS: 0.5)")
+
+
+class DynamicSampling(BaseModel):
+    """DAPO's dynamic sampling: keep only groups whose scores are not all equal."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_rounds: int = Field(3, ge=1, description=(
+        "rounds of prompts_per_iteration prompts drawn at most per iteration (DAPO's max_num_gen_batches); a "
+        "batch still short after the last round is filled with groups whose scores are all equal"))
+    tolerance: float = Field(1e-6, ge=0, description="a group whose scores span no more than this is uninformative")
 
 
 class PPOConfig(OptimizerSettings):
@@ -55,6 +65,9 @@ class PPOConfig(OptimizerSettings):
         "seeded by (seed, iteration, prompt, sample) - with the hf engine by each call's first row - so "
         "rollouts do not depend on the number of devices when this divides each device's share"))
     max_prompt_length: int = Field(64, ge=1, description="prompt tokens kept (cut on the left)")
+    dynamic_sampling: DynamicSampling | None = Field(None, description=(
+        "DAPO's dynamic sampling: draw more prompts until the iteration has prompts_per_iteration groups whose "
+        "scores (the reward source's, before constraints) are not all equal; needs samples_per_prompt >= 2"))
     sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="how responses are sampled")
     score_position: Literal["last", "after-eos"] = Field(
         "last", description="token that receives the sequence score: the last real one (OpenRLHF, MOSS) or one "
@@ -72,6 +85,14 @@ class PPOConfig(OptimizerSettings):
                                                     "trainer.eval_every_n_steps")
     eval_greedy: bool = Field(True, description="evaluate greedy responses (else sample with `sampling`)")
     sample_prompts: int = Field(4, ge=0, description="fixed prompts whose responses are saved before and after")
+
+
+    @model_validator(mode="after")
+    def _groups_for_dynamic_sampling(self) -> PPOConfig:
+        if self.dynamic_sampling is not None and self.samples_per_prompt < 2:
+            raise ValueError("dynamic_sampling keeps groups whose scores differ: it needs samples_per_prompt >= 2, "
+                             f"got {self.samples_per_prompt}")
+        return self
 
 
 class GAEConfig(BaseModel):
@@ -145,3 +166,22 @@ def rlhfkit_components() -> list[ComponentSpec]:
                       doc="GSPO: a length-normalised sequence ratio, clipped per sequence (Zheng et al. 2025)",
                       tags=frozenset({"policy-loss"})),
     ]
+
+
+#: DAPO (Yu et al. 2025) over a stage named ``ppo``: GRPO's group-normalised advantages, no
+#: KL, clip-higher (ε_low 0.2, ε_high 0.28), the token-level loss over the whole batch,
+#: dynamic sampling and the soft overlong punishment (a fifth of max_new_tokens, penalty 1).
+#: The group size is the paper's 16; prompts per iteration, batch sizes and lengths are
+#: the recipe's. Overlong filtering (``overlong-filter``) is the paper's earlier step, off.
+DAPO: dict[str, Any] = {"stages": {"ppo": {
+    "algorithm": {"name": "ppo", "samples_per_prompt": 16, "advantages": {"whiten": "none", "clip": None},
+                  "dynamic_sampling": {"max_rounds": 3}},
+    "estimator": {"name": "grpo", "scale": "std"},
+    "objective": {"name": "ppo-clip", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "global-token-mean"},
+    "constraints": [{"name": "overlong-penalty", "buffer_fraction": 0.2, "penalty": 1.0}],
+}}}
+
+
+@hookimpl
+def rlhfkit_presets() -> dict[str, dict[str, Any]]:
+    return {"dapo": DAPO}

@@ -33,6 +33,16 @@ from rlhfkit.plugins.ppo.rollout import concat, gather, response_logprobs
 
 #: The seeds of the samples of one prompt are this far apart (a prime).
 SAMPLE_STRIDE = 1_000_003
+#: Dynamic sampling's round ``r`` orders the prompts with the seed ``seed + r * this``.
+ROUND_SEED_STRIDE = 65_537
+
+
+def reduce_sum(counts: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``counts`` summed over ranks (one process: as they are), with ``ranks``."""
+    values = torch.tensor([*counts.values(), 1.0], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return dict(zip([*counts, "ranks"], values.tolist(), strict=True))
 
 
 def reads(component: Any, flag: str) -> bool:
@@ -211,37 +221,129 @@ class ExperienceMaker:
         deferred = self.deferred_rows(total, batch_size, iteration, first_update)
         needed = torch.ones(total, dtype=torch.bool)
         needed[deferred] = False
-        per_call = c.generation_batch_size or len(local)
-        chunks = []
-        for start in range(0, len(local), per_call):
-            indices = local[start:start + per_call]
-            first = rank * share + start  # global index of the call's first prompt
-            texts = [prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
-            chunk = sample(self.policy, self.engine, texts, self.seeds(iteration, first, len(indices)), c.sampling,
-                           c.max_prompt_length)
-            rows = torch.arange(first * c.samples_per_prompt, (first + len(indices)) * c.samples_per_prompt)
-            chunk.logprobs = policy_logprobs(self.policy.model, chunk, c.sampling.temperature,
-                                             needed[rows].to(chunk.logprobs.device))
-            if self.needs.reference:
-                chunk.ref_logprobs = reference_logprobs(self.reference, self.policy.model, chunk,
-                                                        c.sampling.temperature)
-            chunk.fields = [fields[i] for i in indices for _ in range(c.samples_per_prompt)]
-            chunk.group = torch.tensor([first + j for j in range(len(indices)) for _ in range(c.samples_per_prompt)],
-                                       device=device)
-            chunks.append(chunk)
         pad = self.policy.tokenizer.pad_token_id
-        rollout = concat(chunks, pad)
-        rollout.scores = score(self.reward, rollout, device)
+        if c.dynamic_sampling is None:
+            rollout = self._sample(iteration, prompts, fields, local, rank * share, needed, device)
+            extra: dict[str, float] = {}
+        else:
+            rollout, extra = self._sample_dynamic(iteration, prompts, fields, rank, share, needed, device)
         if prepare is not None:
             prepare(rollout)
         rollout = gather(rollout, pad, device)
         self.clock["rollout"] += time.perf_counter() - started
-        self.clock["rollout_tokens"] += int(rollout.response_mask.sum())
+        tokens = int(rollout.response_mask.sum())
+        self.clock["rollout_tokens"] += tokens
         experience = shape(rollout, constraints=self.constraints, estimator=self.estimator, config=c,
                            gold=self.gold, on_nan=on_nan, iteration=iteration, step=step,
                            trainer_logprobs=len(deferred) == 0)
         experience.deferred = deferred
+        # every token the engine produced, kept or not (the compute budget of a comparison)
+        experience.metrics["rollout/sampled_tokens"] = extra.pop("sampled_tokens", float(tokens))
+        experience.metrics.update(extra)
         return experience
+
+    def _sample(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], local: list[int],
+                offset: int, needed: torch.Tensor, device: torch.device) -> Rollout:
+        """This rank's rollout of the prompts ``local`` (global positions from ``offset``):
+        sampled in calls of ``generation_batch_size`` prompts, each call's trainer forwards
+        run on it (old log-probs of the ``needed`` rows, the reference), then scored."""
+        c = self.config
+        per_call = c.generation_batch_size or len(local)
+        chunks = []
+        for start in range(0, len(local), per_call):
+            indices = local[start:start + per_call]
+            first = offset + start  # global index of the call's first prompt
+            chunk = self._draw(iteration, prompts, fields, indices, first, first, device)
+            rows = torch.arange(first * c.samples_per_prompt, (first + len(indices)) * c.samples_per_prompt)
+            self._forwards(chunk, needed[rows])
+            chunks.append(chunk)
+        rollout = concat(chunks, self.policy.tokenizer.pad_token_id)
+        rollout.scores = score(self.reward, rollout, device)
+        return rollout
+
+    def _draw(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], indices: list[int],
+              seed_index: int, group_index: int, device: torch.device) -> Rollout:
+        """``samples_per_prompt`` responses to each prompt of ``indices``, seeded from
+        global prompt position ``seed_index``, groups numbered from ``group_index``."""
+        c = self.config
+        texts = [prompts[i] for i in indices for _ in range(c.samples_per_prompt)]
+        chunk = sample(self.policy, self.engine, texts, self.seeds(iteration, seed_index, len(indices)), c.sampling,
+                       c.max_prompt_length)
+        chunk.fields = [fields[i] for i in indices for _ in range(c.samples_per_prompt)]
+        chunk.group = torch.arange(group_index, group_index + len(indices), device=device).repeat_interleave(
+            c.samples_per_prompt)
+        return chunk
+
+    def _forwards(self, rollout: Rollout, needed: torch.Tensor) -> None:
+        """The trainer's forwards over ``rollout``: old log-probs of the ``needed`` rows
+        (bool ``[B]``), and the reference's when something reads them."""
+        temperature = self.config.sampling.temperature
+        rollout.logprobs = policy_logprobs(self.policy.model, rollout, temperature,
+                                           needed.to(rollout.logprobs.device))
+        if self.needs.reference:
+            rollout.ref_logprobs = reference_logprobs(self.reference, self.policy.model, rollout, temperature)
+
+    def _sample_dynamic(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], rank: int,
+                        share: int, needed: torch.Tensor, device: torch.device) -> tuple[Rollout, dict[str, float]]:
+        """DAPO's dynamic sampling on this rank: rounds of ``share`` prompts (round ``r``
+        draws from the seeded prompt order of seed + r), each group scored as it comes;
+        groups whose scores span more than the tolerance are kept (a NaN score counts as
+        spread, so ``on_nan`` still sees it) until ``share`` are, for at most
+        ``max_rounds`` rounds, then the most recent uninformative groups fill what is
+        missing. The trainer's forwards run on the kept rollout only."""
+        c, settings = self.config, self.config.dynamic_sampling
+        per_group = c.samples_per_prompt
+        kept: list[Rollout] = []
+        spare: list[Rollout] = []
+        counts = {"drawn": 0.0, "informative": 0.0, "sampled_tokens": 0.0, "rounds": 0.0}
+        for round_ in range(settings.max_rounds):
+            counts["rounds"] += 1
+            chosen = schedule.iteration_prompts(len(prompts), c.prompts_per_iteration,
+                                                self.seed + ROUND_SEED_STRIDE * round_, iteration)
+            local = chosen[rank * share:(rank + 1) * share]
+            per_call = c.generation_batch_size or len(local)
+            for start in range(0, len(local), per_call):
+                indices = local[start:start + per_call]
+                first = rank * share + start
+                chunk = self._draw(iteration, prompts, fields, indices, first + round_ * c.prompts_per_iteration,
+                                   0, device)
+                chunk.scores = score(self.reward, chunk, device)
+                counts["sampled_tokens"] += float(chunk.response_mask.sum())
+                spread = chunk.scores.view(len(indices), per_group)
+                spread = spread.max(dim=1).values - spread.min(dim=1).values
+                for g in range(len(indices)):
+                    group = chunk.select(torch.arange(g * per_group, (g + 1) * per_group))
+                    counts["drawn"] += 1
+                    if bool(spread[g] <= settings.tolerance):
+                        spare.append(group)
+                    else:
+                        counts["informative"] += 1
+                        kept.append(group)
+            if len(kept) >= share:
+                break
+        missing = max(0, share - len(kept))
+        groups = kept[:share] + spare[len(spare) - missing:]
+        rollout = concat(groups, self.policy.tokenizer.pad_token_id)
+        rollout.group = torch.arange(rank * share, (rank + 1) * share, device=device).repeat_interleave(per_group)
+        first_row = rank * share * per_group
+        per_call = (c.generation_batch_size or share) * per_group
+        if per_call >= len(rollout):
+            self._forwards(rollout, needed[first_row:first_row + len(rollout)])
+        else:
+            parts = []
+            for start in range(0, len(rollout), per_call):
+                part = rollout.select(torch.arange(start, min(start + per_call, len(rollout))))
+                self._forwards(part, needed[first_row + start:first_row + start + len(part)])
+                parts.append(part)
+            rollout = concat(parts, self.policy.tokenizer.pad_token_id)
+        counts["filled"] = float(missing)
+        totals = reduce_sum(counts, device)
+        metrics = {"dynamic/rounds": totals["rounds"] / max(1, totals["ranks"]),
+                   "dynamic/drawn_groups": totals["drawn"],
+                   "dynamic/informative_fraction": totals["informative"] / max(1.0, totals["drawn"]),
+                   "dynamic/filled_groups": totals["filled"],
+                   "sampled_tokens": totals["sampled_tokens"]}
+        return rollout, metrics
 
     @torch.no_grad()
     def greedy_scores(self, rollout: Rollout, device: torch.device) -> torch.Tensor:
