@@ -74,6 +74,17 @@ CALLS: dict[tuple[str, str], tuple[str, str]] = {
                           "mean absolute engine-vs-trainer log-prob gap of its minibatch (`mismatch/*` metrics): "
                           "raise `rlhfkit.EngineError` when the engine's weights cannot be the policy's")),
     ("engine", "close"): ("close() -> None", "at the end of the stage and when it fails: stop what `start` started"),
+    ("sampler", "draw"): ("draw(iteration: int, count: int, round: int = 0) -> list[int]", (
+        "the indices (into the stage's prompt rows) of `count` distinct prompts for this iteration (`round` > 0: "
+        "dynamic sampling's later rounds); must give the same answer on every rank, from the seed and the "
+        "observed state only")),
+    ("sampler", "observe"): ("observe(indices: list[int], scores: Tensor [n, G]) -> dict[str, float]", (
+        "after scoring, on every rank, every group drawn this iteration: its prompt's index and its samples' "
+        "scores (the reward source's, before constraints); returns metrics")),
+    ("sampler", "bind"): ("bind(algorithm) -> None", ("once, before the first draw: the algorithm's `prompts`, "
+                          "`prompt_fields` and `seed`")),
+    ("sampler", "state_dict"): ("state_dict() -> dict", "saved in the resumable checkpoint"),
+    ("sampler", "load_state_dict"): ("load_state_dict(state: dict) -> None", "on resume"),
     ("reward", "to"): ("to(device) -> self", "move models it holds to the training device"),
     ("reward", "evaluate"): ("evaluate(prompts, responses) -> dict[str, float]",
                              "extra evaluation metrics (a task's gold scorer), logged as `task/*`"),

@@ -30,6 +30,7 @@ KINDS: tuple[str, ...] = (
     "objective",
     "dataset",
     "task",
+    "sampler",
 )
 
 
@@ -45,6 +46,7 @@ CAPABILITIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reward": (frozenset({"score"}), frozenset({"to", "evaluate", "score_terms"})),
     "objective": (frozenset({"__call__"}), frozenset()),
     "engine": (frozenset({"generate"}), frozenset({"start", "sync", "close", "check"})),
+    "sampler": (frozenset({"draw", "observe"}), frozenset({"bind", "state_dict", "load_state_dict"})),
 }
 #: Capabilities that change no result on their own: a slot that does not call them loses nothing.
 NEUTRAL = frozenset({"bind", "state_dict", "load_state_dict", "to", "score_terms", "start", "sync", "close",

@@ -8,6 +8,8 @@
   head on its own backbone, from the reward model, the SFT model or a path).
 - objective ``ppo-clip``: the clipped surrogate (asymmetric epsilon, dual clip, the
   loss-aggregation choices of spec §F).
+- samplers ``shuffle`` and ``curriculum`` (slot ``sampler``): which prompts an
+  iteration samples.
 - objective ``gspo``: GSPO's sequence-level, length-normalised ratio with sequence-level
   clipping (Zheng et al. 2025).
 
@@ -134,6 +136,33 @@ class GSPOConfig(BaseModel):
     clip_high: float = Field(4e-4, gt=0, description="epsilon above 1 of the sequence ratio (the paper's 4e-4)")
 
 
+class ShuffleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CurriculumConfig(BaseModel):
+    """Prompts whose recent pass rate lies inside a band (docs/ppo-details.md, "Curriculum")."""
+
+    model_config = ConfigDict(extra="forbid")
+    band: tuple[float, float] = Field((0.0, 1.0), description=(
+        "draw prompts whose estimated pass rate p has low < p < high (default: neither never nor always solved)"))
+    pass_threshold: float = Field(0.5, description="a sample passes when its score is above this")
+    warmup_iterations: int = Field(1, ge=0, description="first iterations drawn uniformly (nothing is known yet)")
+    exploration: float = Field(0.25, ge=0, le=1, description=(
+        "share of each draw taken uniformly from all prompts outside the band choice (rates go stale)"))
+    decay: float = Field(0.5, ge=0, lt=1, description=(
+        "pass rates are exponential averages: rate <- (1 - decay) * new + decay * rate"))
+    level_field: str | None = Field("level", description=(
+        "the prompt rows' difficulty column: an unseen prompt takes its level's rate (null: none)"))
+
+    @model_validator(mode="after")
+    def _band(self) -> CurriculumConfig:
+        low, high = self.band
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"band must be 0 <= low < high <= 1, got {list(self.band)}")
+        return self
+
+
 SLOTS = {
     "policy": Slot("policy", doc="the model to optimise, e.g. {name: transformers, from_stage: sft}"),
     "engine": Slot("engine", required=False, doc="what samples the rollouts: hf (default) or vllm"),
@@ -145,6 +174,8 @@ SLOTS = {
     "constraints": Slot("constraint", required=False, many=True,
                         doc="kl, reward-norm, missing-eos, entropy, ptx, reference-ema, in the order they act"),
     "data": Slot("dataset", rows=PROMPTED, doc="prompts (prompt rows, or any row with a prompt)"),
+    "sampler": Slot("sampler", required=False, doc="which prompts each iteration samples: shuffle (the default) "
+                                                   "or curriculum"),
     "eval_data": Slot("dataset", required=False, rows=PROMPTED,
                       doc="held-out prompts evaluated with `gold` and the reward"),
     "gold": Slot("reward", required=False, doc="an evaluation-only reward (the gold scorer of a built-in task)"),
@@ -162,6 +193,14 @@ def rlhfkit_components() -> list[ComponentSpec]:
         ComponentSpec(kind="objective", name="ppo-clip", config=PPOClipConfig, factory=lazy("rlhfkit.plugins.ppo.objective:PPOClip"),
                       doc="clipped surrogate policy loss (asymmetric epsilon, dual clip, loss aggregation)",
                       tags=frozenset({"policy-loss"})),
+        ComponentSpec(kind="sampler", name="shuffle", config=ShuffleConfig,
+                      factory=lazy("rlhfkit.plugins.ppo.samplers:ShuffleSampler"),
+                      doc="seeded passes over the prompts (what ppo does with no sampler)",
+                      provides=frozenset({"bind"})),
+        ComponentSpec(kind="sampler", name="curriculum", config=CurriculumConfig,
+                      factory=lazy("rlhfkit.plugins.ppo.samplers:CurriculumSampler"),
+                      doc="prompts whose recent pass rate (or their level's) is inside a band, plus exploration",
+                      provides=frozenset({"bind", "state_dict", "load_state_dict"})),
         ComponentSpec(kind="objective", name="gspo", config=GSPOConfig, factory=lazy("rlhfkit.plugins.ppo.objective:GSPO"),
                       doc="GSPO: a length-normalised sequence ratio, clipped per sequence (Zheng et al. 2025)",
                       tags=frozenset({"policy-loss"})),

@@ -35,6 +35,24 @@ from rlhfkit.plugins.ppo.rollout import concat, gather, response_logprobs
 SAMPLE_STRIDE = 1_000_003
 #: Dynamic sampling's round ``r`` orders the prompts with the seed ``seed + r * this``.
 ROUND_SEED_STRIDE = 65_537
+#: ``Rollout.extras`` key: each row's prompt, as an index into the stage's prompt rows.
+PROMPT_INDEX = "prompt_index"
+
+
+def groups_of(rollout: Rollout, per_group: int) -> tuple[list[int], torch.Tensor]:
+    """``(prompt index per group, scores [groups, per_group])`` of a rollout whose groups
+    are consecutive rows."""
+    indices = rollout.extras[PROMPT_INDEX][::per_group].tolist()
+    return indices, rollout.scores.detach().float().cpu().view(len(indices), per_group)
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order (one process: as they are)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return items
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def reduce_sum(counts: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -190,6 +208,7 @@ class ExperienceMaker:
     gold: Any
     config: PPOConfig
     seed: int
+    sampler: Any = None
     needs: Needs = field(init=False)
     clock: dict[str, float] = field(default_factory=lambda: {"rollout": 0.0, "rollout_tokens": 0})
 
@@ -199,6 +218,14 @@ class ExperienceMaker:
     def seeds(self, iteration: int, first_prompt: int, prompts: int) -> list[int]:
         base = self.seed * 7919 + iteration * 104_729 + first_prompt
         return [base + p + j * SAMPLE_STRIDE for p in range(prompts) for j in range(self.config.samples_per_prompt)]
+
+    def draw(self, num_prompts: int, iteration: int, round_: int) -> list[int]:
+        """The iteration's prompts (round ``round_`` of dynamic sampling): the sampler's,
+        or seeded passes over the prompts."""
+        if self.sampler is not None:
+            return list(self.sampler.draw(iteration, self.config.prompts_per_iteration, round_))
+        return schedule.iteration_prompts(num_prompts, self.config.prompts_per_iteration,
+                                          self.seed + ROUND_SEED_STRIDE * round_, iteration)
 
     def deferred_rows(self, total: int, batch_size: int, iteration: int, first_update: bool) -> torch.Tensor:
         """Global rows whose old log-probs the first update's forward gives (sorted)."""
@@ -214,7 +241,7 @@ class ExperienceMaker:
         share of the prompts, then every rank holds the gathered, shaped whole."""
         c = self.config
         started = time.perf_counter()
-        chosen = schedule.iteration_prompts(len(prompts), c.prompts_per_iteration, self.seed, iteration)
+        chosen = self.draw(len(prompts), iteration, 0)
         share = len(chosen) // world
         local = chosen[rank * share:(rank + 1) * share]
         total = len(chosen) * c.samples_per_prompt
@@ -224,12 +251,16 @@ class ExperienceMaker:
         pad = self.policy.tokenizer.pad_token_id
         if c.dynamic_sampling is None:
             rollout = self._sample(iteration, prompts, fields, local, rank * share, needed, device)
-            extra: dict[str, float] = {}
+            extra: dict[str, Any] = {}
         else:
             rollout, extra = self._sample_dynamic(iteration, prompts, fields, rank, share, needed, device)
         if prepare is not None:
             prepare(rollout)
         rollout = gather(rollout, pad, device)
+        # every group drawn, with its prompt and raw scores: what a sampler learns from
+        drawn = extra.pop("drawn", None)
+        if drawn is None and self.sampler is not None:
+            drawn = groups_of(rollout, c.samples_per_prompt)
         self.clock["rollout"] += time.perf_counter() - started
         tokens = int(rollout.response_mask.sum())
         self.clock["rollout_tokens"] += tokens
@@ -240,6 +271,9 @@ class ExperienceMaker:
         # every token the engine produced, kept or not (the compute budget of a comparison)
         experience.metrics["rollout/sampled_tokens"] = extra.pop("sampled_tokens", float(tokens))
         experience.metrics.update(extra)
+        if self.sampler is not None:
+            indices, scores = drawn
+            experience.metrics.update(self.sampler.observe(indices, scores))
         return experience
 
     def _sample(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], local: list[int],
@@ -272,6 +306,7 @@ class ExperienceMaker:
         chunk.fields = [fields[i] for i in indices for _ in range(c.samples_per_prompt)]
         chunk.group = torch.arange(group_index, group_index + len(indices), device=device).repeat_interleave(
             c.samples_per_prompt)
+        chunk.extras[PROMPT_INDEX] = torch.tensor(indices, device=device).repeat_interleave(c.samples_per_prompt)
         return chunk
 
     def _forwards(self, rollout: Rollout, needed: torch.Tensor) -> None:
@@ -296,10 +331,10 @@ class ExperienceMaker:
         kept: list[Rollout] = []
         spare: list[Rollout] = []
         counts = {"drawn": 0.0, "informative": 0.0, "sampled_tokens": 0.0, "rounds": 0.0}
+        observed: list[tuple[int, list[float]]] = []
         for round_ in range(settings.max_rounds):
             counts["rounds"] += 1
-            chosen = schedule.iteration_prompts(len(prompts), c.prompts_per_iteration,
-                                                self.seed + ROUND_SEED_STRIDE * round_, iteration)
+            chosen = self.draw(len(prompts), iteration, round_)
             local = chosen[rank * share:(rank + 1) * share]
             per_call = c.generation_batch_size or len(local)
             for start in range(0, len(local), per_call):
@@ -311,6 +346,8 @@ class ExperienceMaker:
                 counts["sampled_tokens"] += float(chunk.response_mask.sum())
                 spread = chunk.scores.view(len(indices), per_group)
                 spread = spread.max(dim=1).values - spread.min(dim=1).values
+                observed += [(i, row) for i, row in zip(indices, chunk.scores.view(len(indices), per_group).tolist(),
+                                                         strict=True)]
                 for g in range(len(indices)):
                     group = chunk.select(torch.arange(g * per_group, (g + 1) * per_group))
                     counts["drawn"] += 1
@@ -343,6 +380,9 @@ class ExperienceMaker:
                    "dynamic/informative_fraction": totals["informative"] / max(1.0, totals["drawn"]),
                    "dynamic/filled_groups": totals["filled"],
                    "sampled_tokens": totals["sampled_tokens"]}
+        if self.sampler is not None:
+            observed = gather_objects(observed)
+            metrics["drawn"] = ([i for i, _ in observed], torch.tensor([row for _, row in observed]))
         return rollout, metrics
 
     @torch.no_grad()

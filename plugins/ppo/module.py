@@ -80,6 +80,7 @@ class PPO(L.LightningModule):
         self.objective = context.component("objective")
         self.constraints = context.component("constraints") or []
         self.engine = context.component("engine") or context.build(ref("engine")(name="hf"))
+        self.sampler = context.component("sampler")
         rows = context.component("data").rows()
         self.prompts = [prompt_of(r) for r in rows]
         #: each prompt row's other columns, passed to reward sources that read them
@@ -90,14 +91,15 @@ class PPO(L.LightningModule):
         self.eval_fields = [row_fields(r) for r in eval_rows]
         self.updates, self.iterations = schedule.plan(config, self.section, len(self.prompts))
         self.total_steps = self.iterations * self.updates
-        for part in [self.estimator, *self.constraints]:
-            if provides(part, "bind"):
+        for part in [self.estimator, *self.constraints, self.sampler]:
+            if part is not None and provides(part, "bind"):
                 part.bind(self)
         self.critic = self.estimator.critic  # a submodule: trained, checkpointed, moved with the module
         self.critic_warmup = getattr(self.estimator, "warmup_iterations", 0)  # critic-only first iterations
         self.entropy_grad = any(getattr(c, "needs_entropy", False) for c in self.constraints)
         self.maker = ExperienceMaker(self.policy, self.engine, self.reference, self.reward, self.estimator,
-                                     self.constraints, self.objective, self.gold, config, self.seed)
+                                     self.constraints, self.objective, self.gold, config, self.seed,
+                                     sampler=self.sampler)
         self.experience: Rollout | None = None
         self.deferred = torch.zeros(0, dtype=torch.long)  # rows whose old log-probs the first update gives
         self.skip_iteration = False
@@ -393,7 +395,7 @@ class PPO(L.LightningModule):
             "rollout_log": dict(getattr(self, "_rollout_log", {})),
             "skip_iteration": self.skip_iteration,
             "history": json.dumps(self.history),
-            "parts": [p.state_dict() if provides(p, "state_dict") else {} for p in [self.estimator, *self.constraints]],
+            "parts": [p.state_dict() if provides(p, "state_dict") else {} for p in self._stateful()],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -402,9 +404,13 @@ class PPO(L.LightningModule):
         self._rollout_log = state["rollout_log"]
         self.skip_iteration = state["skip_iteration"]
         self.history = json.loads(state["history"])
-        for part, part_state in zip([self.estimator, *self.constraints], state["parts"], strict=True):
+        for part, part_state in zip(self._stateful(), state["parts"], strict=True):
             if provides(part, "load_state_dict") and part_state:
                 part.load_state_dict(part_state)
+
+    def _stateful(self) -> list[Any]:
+        """The parts whose state the checkpoint holds, in a fixed order."""
+        return [self.estimator, *self.constraints, *([self.sampler] if self.sampler is not None else [])]
 
     # ---------------------------------------------------------------- output
     def export(self, directory: Path) -> None:

@@ -1,8 +1,9 @@
 """Built-in tasks: generated data with a known ground truth, so RLHF runs in minutes on a CPU.
 
 Contributes the tasks ``reviews`` (sentiment-rewarded product reviews, a multi-term gold
-score that a learned proxy can over-optimise) and ``knowledge`` (questions about fictional
-entities scored +1 / 0 / -4: the knowledge-boundary experiment), the dataset ``builtin``,
+score that a learned proxy can over-optimise), ``knowledge`` (questions about fictional
+entities scored +1 / 0 / -4: the knowledge-boundary experiment) and ``reasoning``
+(multi-step arithmetic by difficulty level, scored by an exact verifier), the dataset ``builtin``,
 which serves one split of a task, and the reward ``gold``, a task's ground-truth scorer::
 
     dataset: {name: builtin, task: {name: reviews, seed: 1}, split: preference}
@@ -22,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from rlhfkit import ComponentSpec, Row, StageContext, UserError, hookimpl, ref
 from rlhfkit.plugins.tasks.knowledge import KnowledgeConfig, KnowledgeTask
+from rlhfkit.plugins.tasks.reasoning import ReasoningConfig, ReasoningTask
 from rlhfkit.plugins.tasks.reviews import ReviewsConfig, ReviewsTask
 
 __all__ = ["BuiltinDataConfig", "BuiltinDataset", "GoldConfig", "KnowledgeConfig", "KnowledgeTask",
-           "ReviewsConfig", "ReviewsTask", "rlhfkit_components"]
+           "ReasoningConfig", "ReasoningTask", "ReviewsConfig", "ReviewsTask", "rlhfkit_components"]
 
 
 # Once per process: generation is deterministic in the settings, so equal settings (compared
@@ -38,6 +40,11 @@ def _reviews(config_json: str) -> ReviewsTask:
 @functools.lru_cache(maxsize=16)
 def _knowledge(config_json: str) -> KnowledgeTask:
     return KnowledgeTask(KnowledgeConfig.model_validate_json(config_json))
+
+
+@functools.lru_cache(maxsize=16)
+def _reasoning(config_json: str) -> ReasoningTask:
+    return ReasoningTask(ReasoningConfig.model_validate_json(config_json))
 
 
 def _shared(name: str, config: BaseModel, context: StageContext | None,
@@ -56,10 +63,14 @@ def make_knowledge(config: KnowledgeConfig, context: StageContext | None) -> Kno
     return _shared("knowledge", config, context, _knowledge)
 
 
+def make_reasoning(config: ReasoningConfig, context: StageContext | None) -> ReasoningTask:
+    return _shared("reasoning", config, context, _reasoning)
+
+
 #: How the ``builtin`` dataset builds a task without a run (``context=None``): from the
 #: type of its resolved settings. Tasks of other plugins need a :class:`StageContext`.
 _BUILD_WITHOUT_CONTEXT: dict[type[BaseModel], Callable[[Any, None], Any]] = {
-    ReviewsConfig: make_reviews, KnowledgeConfig: make_knowledge,
+    ReviewsConfig: make_reviews, KnowledgeConfig: make_knowledge, ReasoningConfig: make_reasoning,
 }
 
 # ----------------------------------------------------------------- the dataset
@@ -68,7 +79,8 @@ TaskRef = ref("task")
 #: The splits of this plugin's tasks, known before anything is generated. While this plugin
 #: is loaded these task names are its own (a second registration would be an error), so
 #: ``rlhfkit validate`` can reject a misspelt split before any stage runs.
-_SPLITS_OF = {"reviews": ReviewsTask.splits, "knowledge": KnowledgeTask.splits}
+_SPLITS_OF = {"reviews": ReviewsTask.splits, "knowledge": KnowledgeTask.splits,
+              "reasoning": ReasoningTask.splits}
 
 
 class BuiltinDataConfig(BaseModel):
@@ -180,6 +192,9 @@ def rlhfkit_components() -> list[ComponentSpec]:
             kind="task", name="knowledge", config=KnowledgeConfig, factory=make_knowledge,
             doc="questions about fictional entities; gold +1 correct, 0 'i do not know', "
                 "-4 wrong (knowledge boundary)"),
+        ComponentSpec(
+            kind="task", name="reasoning", config=ReasoningConfig, factory=make_reasoning,
+            doc="multi-step arithmetic with graded difficulty; gold 1 for the right final answer (a verifier)"),
         ComponentSpec(
             kind="dataset", name="builtin", config=BuiltinDataConfig,
             factory=make_builtin_dataset, doc="rows of a built-in task's split",
