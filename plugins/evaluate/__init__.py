@@ -30,6 +30,12 @@ class EvaluateConfig(BaseModel):
                                                  "KL(model || reference); 0 leaves KL out")
     max_length: int = Field(128, ge=2, description="prompt + completion tokens of the perplexity rows")
     samples: int = Field(3, ge=0, description="prompts whose answers are printed and saved to samples.jsonl")
+    pass_k: int = Field(0, ge=0, description=(
+        "also sample k answers per prompt at `pass_temperature`: pass@k is the share of prompts with an answer "
+        "whose gold score is above `pass_threshold`, and pass@k/* the gold scorer's task metrics of each "
+        "prompt's best answer (e.g. accuracy per level); 0: off"))
+    pass_temperature: float = Field(1.0, gt=0, description="sampling temperature of the pass@k answers")
+    pass_threshold: float = Field(0.5, description="an answer passes when its gold score is above this")
     title: str = Field("", description="the report table's title (default: the stage's name)")
     labels: list[str] = Field(default_factory=list,
                               description="names of the models in the report and summary, in the order of `models` "

@@ -137,12 +137,44 @@ class Evaluate:
         scores = {name: self._score(source, self.prompts, answers, self.fields)
                   for name, source in (("gold", self.gold), ("proxy", self.reward)) if source is not None}
         metrics = {name: float(values.mean()) for name, values in scores.items()}
+        if provides(self.gold, "evaluate"):  # the task's own metrics of the greedy answers (per level...)
+            metrics.update({f"task/{k}": float(v) for k, v in self.gold.evaluate(self.prompts, answers).items()})
+        if c.pass_k and self.gold is not None:
+            metrics.update(self._pass_at_k(policy))
         if kls:
             metrics["kl"] = float(torch.cat(kls).mean())
         metrics["length"] = float(torch.cat(lengths).mean())
         if self.text:
             metrics["perplexity"] = self._perplexity(policy)
         return metrics, answers, scores
+
+    @torch.no_grad()
+    def _pass_at_k(self, policy: Any) -> dict[str, float]:
+        """pass@k over the prompts: ``k`` sampled answers each, the best by gold kept."""
+        c = self.config
+        best: list[str] = []
+        best_scores: list[float] = []
+        for start in range(0, len(self.prompts), c.batch_size):
+            chunk = self.prompts[start:start + c.batch_size]
+            fields = self.fields[start:start + c.batch_size]
+            ids, mask = policy.tokenize_prompts(chunk)
+            ids, mask = ids[:, -c.max_prompt_length:], mask[:, -c.max_prompt_length:]
+            tries: list[list[str]] = []
+            tried: list[torch.Tensor] = []
+            for _ in range(c.pass_k):
+                sampled, sampled_mask = policy.generate_ids(ids, mask, max_new_tokens=c.max_new_tokens,
+                                                            do_sample=True, temperature=c.pass_temperature)
+                tries.append(policy.decode_responses(sampled, sampled_mask))
+                tried.append(self._score(self.gold, chunk, tries[-1], fields))
+            scores = torch.stack(tried, dim=1)  # [prompts, k]
+            top = scores.argmax(dim=1).tolist()
+            best += [tries[j][i] for i, j in enumerate(top)]
+            best_scores += scores.max(dim=1).values.tolist()
+        k = c.pass_k
+        metrics = {f"pass@{k}": sum(s > c.pass_threshold for s in best_scores) / len(best_scores)}
+        if provides(self.gold, "evaluate"):
+            metrics.update({f"pass@{k}/{name}": float(v) for name, v in self.gold.evaluate(self.prompts, best).items()})
+        return metrics
 
     def _score(self, source: Any, prompts: list[Any], responses: list[str],
                fields: list[dict[str, Any]] | None = None) -> torch.Tensor:
