@@ -35,6 +35,7 @@ from rlhfkit.interfaces import (
     PreferenceBatch,
     RewardBatch,
     Rollout,
+    score_rows,
 )
 from rlhfkit.plugin_manager import Plugins, load_plugins
 from rlhfkit.registry import ComponentSpec, provides, ref
@@ -219,13 +220,18 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
       a :class:`PreferenceBatch` (and a :class:`FeedbackBatch` when tagged ``unpaired``)
       or a reward-model loss on a :class:`RewardBatch`: a finite scalar with finite
       gradients, none on padding;
-    - ``reward``: ``score`` gives ``[B]`` finite floats;
+    - ``reward``: ``score`` gives ``[B]`` finite floats (with ``fields``, each row's
+      ``answer`` column, when ``score`` takes them);
     - ``engine``: ``start`` with a tiny policy (hidden 64, 2 heads: head size 32, which
       vLLM's CPU kernels take), then ``generate`` on left-padded prompts: ``[B, T]`` ids and
       mask (1 up to and including the first EOS, PAD after), log-probs ``<= 0`` on real
       tokens and 0 on padding (or ``None``), the same response for the same prompt and
       seed whatever the batch (unless the class declares ``seeds_per_row = False``);
-      ``close`` when declared.
+      ``close`` when declared;
+    - ``sampler``: ``bind`` (20 prompts with a ``level`` field) when declared; ``draw``
+      gives ``count`` distinct indices of the prompts, the same for the same (iteration,
+      round); ``observe`` returns float metrics; ``state_dict`` round-trips (a restored
+      sampler draws the same prompts).
     """
     plugins = plugins or load_plugins()
     registry = plugins.registry
@@ -241,7 +247,7 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
     context = context or StageContext(registry=registry, stage="check", stage_dir=Path(tempfile.mkdtemp()))
     component = registry.build(reference, context)
     checks = {"estimator": _estimator, "constraint": _constraint, "objective": _objective, "reward": _reward,
-              "engine": _engine}
+              "engine": _engine, "sampler": _sampler}
     if kind in checks:
         checks[kind](spec, component, plugins)
     return component
@@ -383,13 +389,41 @@ def _objective(spec: ComponentSpec, objective: Any, plugins: Plugins) -> None:
 
 def _reward(spec: ComponentSpec, reward: Any, plugins: Plugins) -> None:
     prompts = ["the printer is", "the lamp is", "the desk is"]
-    responses = ["great .", "bad .", "fine ."]
-    scores = reward.score(prompts, responses)
+    responses = ["great .", "bad . answer : 2", "fine ."]
+    # the rows' other columns, for rewards that read them (an answer to check against)
+    scores = score_rows(reward, prompts, responses, [{"answer": "3"}, {"answer": "2"}, {"answer": "1"}])
     if not isinstance(scores, torch.Tensor) or scores.shape != (3,):
         _fail(spec, f"score must return a [B] = [3] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
     _finite_on(spec, "scores", scores.float())
     if provides(reward, "to"):
         reward.to("cpu")
+
+
+def _sampler(spec: ComponentSpec, sampler: Any, plugins: Plugins) -> None:
+    algorithm = SimpleNamespace(prompts=[f"prompt {i}" for i in range(20)],
+                                prompt_fields=[{"level": 1 + i % 4} for i in range(20)], seed=0)
+
+    def fresh() -> Any:
+        other = copy.deepcopy(sampler)
+        if provides(other, "bind"):
+            other.bind(algorithm)
+        return other
+
+    sampler = fresh()
+    for iteration in range(3):
+        drawn = list(sampler.draw(iteration, 8))
+        if len(drawn) != 8 or len(set(drawn)) != 8 or not all(isinstance(i, int) and 0 <= i < 20 for i in drawn):
+            _fail(spec, f"draw(iteration, 8) must give 8 distinct prompt indices in 0..19, got {drawn}")
+        if list(copy.deepcopy(sampler).draw(iteration, 8)) != drawn:
+            _fail(spec, "draw must give the same prompts for the same iteration and state (every rank draws)")
+        metrics = sampler.observe(drawn, torch.tensor([[float((i + j) % 2) for j in range(4)] for i in drawn]))
+        if not isinstance(metrics, dict) or not all(isinstance(v, float) for v in metrics.values()):
+            _fail(spec, "observe must return a dict of floats (metrics)")
+    if provides(sampler, "state_dict"):
+        restored = fresh()
+        restored.load_state_dict(copy.deepcopy(sampler.state_dict()))
+        if list(restored.draw(5, 8, 1)) != list(sampler.draw(5, 8, 1)):
+            _fail(spec, "a sampler restored from state_dict must draw what the original draws")
 
 
 def _engine(spec: ComponentSpec, engine: Any, plugins: Plugins) -> None:

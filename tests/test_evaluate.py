@@ -103,3 +103,55 @@ def test_rows_without_the_needed_field_are_a_clear_error(run):
     with pytest.raises(RecipeError, match=r"stages.report.text: dataset 'builtin' gives prompts \(Prompt\), but the "
                                           r"evaluate algorithm's 'text' takes"):
         PLUGINS.load_recipe(recipe_path, [*FIXTURE, f"run.dir={root}", "stages.report.text.split=prompts-eval"])
+
+
+PASS_AT_K = """\
+run: {name: pass-at-k, seed: 0}
+stages:
+  report:
+    algorithm: {name: evaluate, prompts: 4, max_new_tokens: 8, samples: 0, kl_samples: 0, pass_k: 3, labels: [m]}
+    models:
+      - {name: transformers, tokenizer: {task: reasoning}, architecture: {layers: 1, hidden: 16, heads: 2}}
+    gold: {name: gold, task: reasoning}
+    prompts: {name: builtin, task: reasoning, split: prompts-eval}
+"""
+
+
+def test_pass_at_k_and_the_task_metrics_by_hand(tmp_path, monkeypatch):
+    """Scripted answers: greedy ones all wrong; of 3 samples, prompt 0's second and prompt
+    2's third are right. pass@3 = 2/4; per level, levels 1 and 3 pass."""
+    from rlhfkit.plugins.policy.model import TransformersPolicy
+    from rlhfkit.plugins.tasks import ReasoningConfig, ReasoningTask
+    from rlhfkit.plugins.tasks.reasoning import parse_prompt, result
+
+    rows = ReasoningTask(ReasoningConfig()).split("prompts-eval")[:4]
+    results = [result(parse_prompt(r.prompt)) for r in rows]
+    assert [r.fields["level"] for r in rows] == [1, 2, 3, 4]
+    calls = {"sampled": 0}
+
+    def generate_ids(self, ids, mask, *, do_sample, **kwargs):
+        return torch.zeros(len(ids), 1, dtype=torch.long), torch.ones(len(ids), 1, dtype=torch.long), do_sample
+
+    def decode_responses(self, response_ids, response_mask):
+        return self._scripted.pop(0)
+
+    def scripted(self, ids, mask, **kwargs):
+        ids_, mask_, do_sample = generate_ids(self, ids, mask, **kwargs)
+        if do_sample:
+            j = calls["sampled"]
+            calls["sampled"] += 1
+            right = {(0, 1), (2, 2)}
+            self._scripted = [[f"answer : {n + (0 if (i, j) in right else 1)} ." for i, n in enumerate(results)]]
+        else:
+            self._scripted = [[f"answer : {n + 1} ." for n in results]]
+        return ids_, mask_
+
+    monkeypatch.setattr(TransformersPolicy, "generate_ids", scripted)
+    monkeypatch.setattr(TransformersPolicy, "decode_responses", decode_responses)
+    (tmp_path / "r.yaml").write_text(PASS_AT_K)
+    recipe = PLUGINS.load_recipe(tmp_path / "r.yaml", [f"run.dir={tmp_path / 'run'}"])
+    report = run_recipe(recipe, PLUGINS, QUIET)["report"]
+    assert calls["sampled"] == 3
+    assert report["m/gold"] == 0.0 and report["m/task/level1/accuracy"] == 0.0
+    assert report["m/pass@3"] == 0.5
+    assert [report[f"m/pass@3/level{n}/accuracy"] for n in (1, 2, 3, 4)] == [1.0, 0.0, 1.0, 0.0]

@@ -113,7 +113,31 @@ class VectorObjective:
         return LossTerm(output.logprobs.sum(1))
 
 
+class RepeatingSampler:
+    """Draws the same prompt twice."""
+
+    def draw(self, iteration, count, round=0):
+        return [0] * count
+
+    def observe(self, indices, scores):
+        return {}
+
+
+class UnseededSampler:
+    """Draws from the global RNG: ranks would disagree."""
+
+    def draw(self, iteration, count, round=0):
+        import random
+
+        return random.sample(range(20), count)
+
+    def observe(self, indices, scores):
+        return {}
+
+
 @pytest.mark.parametrize(("kind", "component", "provides", "tags", "says"), [
+    ("sampler", RepeatingSampler(), (), (), "8 distinct prompt indices"),
+    ("sampler", UnseededSampler(), (), (), "the same prompts for the same iteration"),
     ("estimator", MultiplyingEstimator(), (), (), "advantages is not finite on real tokens"),
     ("constraint", PaddingLoss(), ("loss",), (), "the gradient of output.logprobs is not 0 on padding"),
     ("objective", VectorObjective(), (), ("policy-loss",), "must return a scalar loss tensor"),
