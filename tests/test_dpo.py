@@ -194,6 +194,28 @@ def test_online_dpo_samples_labels_and_trains(tmp_path):
     assert missing.returncode == 2 and "fill the `reward:` slot" in missing.stderr
 
 
+def test_online_pairs_from_the_reference_do_not_follow_the_policy(tmp_path):
+    """online_from: reference samples the pairs from the frozen reference (the SFT model):
+    two runs at very different learning rates draw the same pairs at every step, while
+    online DPO's own samples move with the policy."""
+    common = [*TINY_SFT, "stages.sft.trainer.max_steps=20", "stages.dpo.trainer.max_steps=4",
+              "stages.dpo.trainer.batch_size=8", "stages.dpo.trainer.micro_batch_size=8",
+              "stages.dpo.trainer.log_every_n_steps=1", "stages.dpo.algorithm.online={max_new_tokens: 8}",
+              "stages.dpo.data.split=prompts", "stages.dpo.reward={name: gold, task: reviews}",
+              "stages.dpo.eval_data=null", "stages.dpo.eval_prompts.limit=8", "stages.dpo.algorithm.max_new_tokens=8"]
+    scores = {}
+    for source in ("reference", "policy"):
+        for lr in ("1e-4", "3e-2"):
+            out = tmp_path / f"{source}-{lr}"
+            result = cli("run", DPO, *common, f"stages.dpo.algorithm.online_from={source}",
+                         f"stages.dpo.algorithm.lr={lr}", f"run.dir={out}", cwd=tmp_path)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+            scores[source, lr] = column(read_metrics(out / "dpo" / "metrics.csv"), "train/online/score")
+    assert len(scores["reference", "1e-4"]) == 4
+    assert scores["reference", "1e-4"] == scores["reference", "3e-2"]
+    assert scores["policy", "1e-4"] != scores["policy", "3e-2"]
+
+
 def test_tr_dpo_reference_sync(tmp_path):
     """TR-DPO as the reference-ema constraint: a hard sync (rate 1) every 2 steps makes the
     reference equal the policy, so the loss of the next step is log 2 again."""

@@ -48,6 +48,11 @@ class DPOConfig(OptimizerSettings):
     online: SamplingSettings | None = Field(
         None, description="online (iterative) DPO: each step samples two responses per prompt of `data` from the "
                           "current policy, labels them with `reward` and trains on the pairs; null: offline pairs")
+    online_from: Literal["policy", "reference"] = Field(
+        "policy", description=(
+            "whose samples make the online pairs: the current policy (online DPO), or the frozen reference (DPO on "
+            "pairs of the reference's - e.g. the SFT model's - samples labelled by `reward`: off-policy, as offline "
+            "DPO on sampled pairs, with fresh pairs each step)"))
 
 
 def _pairs(config: DPOConfig, slots: dict[str, Any], registry: Any) -> frozenset[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from rlhfkit import (
 from rlhfkit.plugins.dpo import DPOConfig, evaluation, unpaired
 from rlhfkit.plugins.dpo.logps import PairEncoder, pair_slice, sequence_logps
 from rlhfkit.plugins.engines.sampling import EngineHandle, sample
+from rlhfkit.plugins.policy.model import TransformersPolicy
 
 
 def _pairs(rows: Any, slot: str) -> list[Preference] | list[Feedback]:
@@ -100,7 +102,7 @@ class DirectPreference(L.LightningModule):
         if engine is not None and config.online is None:
             raise UserError("the dpo algorithm samples only online (algorithm.online); remove `engine:` from this "
                             "offline stage, or turn on online DPO")
-        self.engine = EngineHandle(engine or context.build(ref("engine")(name="hf")), self.policy) \
+        self.engine = EngineHandle(engine or context.build(ref("engine")(name="hf")), self._sampler(ref_model)) \
             if config.online is not None else None
         if config.online is not None:
             if self.reward is None:
@@ -135,6 +137,16 @@ class DirectPreference(L.LightningModule):
         self._prepared = False  # models on the device, rows tokenized, the shared-prompt check (_prepare)
         self._last_time = time.perf_counter()
 
+    def _sampler(self, ref_model: torch.nn.Module | None) -> Any:
+        """The policy whose samples make the online pairs (``online_from``)."""
+        if self.config.online_from == "policy" or self.adapter_reference:
+            return self.policy  # the reference of a LoRA policy: its adapter off while sampling
+        if ref_model is None:
+            raise UserError("algorithm.online_from: reference samples from the reference model, and this objective "
+                            "has none (it needs no reference log-probs); use online_from: policy, or an objective "
+                            "with a reference such as dpo")
+        return TransformersPolicy(ref_model, self.policy.tokenizer, self.policy.config)
+
     @property
     def reference(self) -> torch.nn.Module | None:
         """The reference model (``None`` when it is the LoRA adapter switched off, or freed
@@ -164,9 +176,13 @@ class DirectPreference(L.LightningModule):
         """Two sampled responses per prompt, labelled by the reward (ties are dropped: they
         carry no preference). Sampling is seeded by (seed, step, rank): resume is exact."""
         base = self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
-        engine = self.engine.ready(self.global_step)
-        responses = sample(self.policy, engine, prompts * 2, [base + i for i in range(2 * len(prompts))],
-                           self.config.online).responses
+        from_reference = self.config.online_from == "reference"
+        # the reference's weights do not follow the updates: an engine of its own takes them once
+        engine = self.engine.ready(0 if from_reference else self.global_step)
+        adapter_off = self.model.disable_adapter() if from_reference and self.adapter_reference else nullcontext()
+        with adapter_off:
+            responses = sample(self.engine.policy, engine, prompts * 2, [base + i for i in range(2 * len(prompts))],
+                               self.config.online).responses
         first, second = responses[: len(prompts)], responses[len(prompts):]
         scores = score_rows(self.reward, prompts * 2, responses, fields * 2).float().cpu()
         a, b = scores[: len(prompts)], scores[len(prompts):]
