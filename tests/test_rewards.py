@@ -181,7 +181,7 @@ def test_problems_inside_a_composite_name_their_dotted_path(registry):
     assert set(problems) == {"reward.terms[1].reward.terms[0].reward.name",
                              "reward.terms[2].reward.scael"}
     message, _ = problems["reward.terms[1].reward.terms[0].reward.name"]
-    assert "unknown reward 'gidl'" in message and "composite, constant, gold" in message
+    assert "unknown reward 'gidl'" in message and "composite, constant, format, gold" in message
     assert "gold" in problems["reward.terms[2].reward.scael"][1]  # the hint lists gold's settings
     assert registry.resolve(Reward(name="composite", terms=[]), "reward")[0][0] == "reward.terms"
 
