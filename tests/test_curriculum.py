@@ -73,6 +73,11 @@ def test_state_round_trip_gives_the_same_draws():
     assert restored.rates == sampler.rates and restored.level_rates == sampler.level_rates
 
 
+def test_more_prompts_than_the_data_has_is_a_clear_error():
+    with pytest.raises(UserError, match="prompts_per_iteration 7 is more than the 6 prompts"):
+        build().draw(0, 7)
+
+
 def test_shuffle_is_the_default_order():
     sampler = build("shuffle")
     assert sampler.draw(2, 4) == schedule.iteration_prompts(6, 4, 0, 2)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit import UserError
 from rlhfkit.plugins.ppo import schedule
 
 
@@ -76,7 +77,8 @@ class CurriculumSampler:
         c = self.config
         size = len(self.levels)
         if count > size:
-            raise ValueError(f"sampler 'curriculum': {count} prompts asked for, the data has {size}")
+            raise UserError(f"sampler 'curriculum' draws distinct prompts: algorithm.prompts_per_iteration {count} is "
+                            f"more than the {size} prompts of `data`; lower it or add prompts")
         rng = random.Random(f"curriculum/{self.seed}/{iteration}/{round}")
         everyone = list(range(size))
         if iteration < c.warmup_iterations:
