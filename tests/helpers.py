@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,20 @@ def popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def kill_after_checkpoint(*args: str, checkpoints: Path, step: int, cwd: Path | None = None,
+                          timeout: float = 300) -> None:
+    """Start ``rlhfkit ARGS`` and kill -9 its process group once ``checkpoints`` holds a
+    checkpoint of step ``step`` or later (or the run ended, or ``timeout`` passed)."""
+    process = popen(*args, cwd=cwd)
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if any(int(p.stem.split("-")[1]) >= step for p in checkpoints.glob("step-*.ckpt")):
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

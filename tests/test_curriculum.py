@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import cli, popen, read_metrics
+from helpers import cli, kill_after_checkpoint, read_metrics
 
 import rlhfkit
 from rlhfkit import StageContext, UserError, ref
@@ -124,15 +121,8 @@ def test_a_curriculum_run_resumes_exactly(tmp_path):
     result = cli("run", "r.yaml", f"run.dir={clean}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     killed = tmp_path / "killed"
-    process = popen("run", "r.yaml", f"run.dir={killed}", cwd=tmp_path)
-    checkpoints = killed / "grpo" / "checkpoints"
-    deadline = time.time() + 300
-    while process.poll() is None and time.time() < deadline:
-        if any(int(p.stem.split("-")[1]) >= 4 for p in checkpoints.glob("step-*.ckpt")):
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint("run", "r.yaml", f"run.dir={killed}", checkpoints=killed / "grpo" / "checkpoints", step=4,
+                          cwd=tmp_path)
     assert not (killed / "grpo" / "DONE.json").exists()
     resumed = cli("run", "r.yaml", f"run.dir={killed}", cwd=tmp_path)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout[-3000:]

@@ -7,14 +7,11 @@ once; each test runs a PPO stage on their exports from a recipe it writes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, popen, read_metrics
+from helpers import cli, kill_after_checkpoint, read_metrics
 from safetensors.torch import load_file
 
 PPO_RECIPE = """\
@@ -105,15 +102,8 @@ def test_kill_and_resume_gives_the_same_run(tmp_path, exports):
     result = cli("run", recipe, f"run.dir={clean}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     killed = tmp_path / "killed"
-    process = popen("run", recipe, f"run.dir={killed}", cwd=tmp_path)
     checkpoints = killed / "ppo" / "checkpoints"
-    deadline = time.time() + 300
-    while process.poll() is None and time.time() < deadline:
-        if any(int(p.stem.split("-")[1]) >= 3 for p in checkpoints.glob("step-*.ckpt")):
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint("run", recipe, f"run.dir={killed}", checkpoints=checkpoints, step=3, cwd=tmp_path)
     saved = torch.load(max(checkpoints.glob("step-*.ckpt")), weights_only=True)
     assert 3 <= saved["global_step"] < 12 and not (killed / "ppo" / "DONE.json").exists()
     resumed = cli("run", recipe, f"run.dir={killed}", cwd=tmp_path)
