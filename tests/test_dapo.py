@@ -8,7 +8,7 @@ from helpers import RECIPES, cli
 from test_engines import maker, policy  # noqa: F401 - the module-scoped policy fixture
 
 from rlhfkit.plugins.ppo import schedule
-from rlhfkit.plugins.ppo.experience import ROUND_SEED_STRIDE
+from rlhfkit.plugins.ppo.schedule import ROUND_SEED_STRIDE
 
 PROMPTS = ["the blender was", "i bought this lamp", "worst printer", "my new mattress is", "great",
            "the lamp is", "this printer", "my blender"]

@@ -27,40 +27,13 @@ import torch
 from rlhfkit import NonFiniteError, Rollout, masked_whiten, provides, score_rows
 from rlhfkit.plugins.engines.sampling import sample
 from rlhfkit.plugins.ppo import PPOConfig, schedule
+from rlhfkit.plugins.ppo.dynamic import PROMPT_INDEX, groups_of, sample_dynamic
 from rlhfkit.plugins.ppo.functional import score_to_token_rewards
 from rlhfkit.plugins.ppo.monitor import guardrail_warnings, rollout_metrics
 from rlhfkit.plugins.ppo.rollout import concat, gather, response_logprobs
 
 #: The seeds of the samples of one prompt are this far apart (a prime).
 SAMPLE_STRIDE = 1_000_003
-#: Dynamic sampling's round ``r`` orders the prompts with the seed ``seed + r * this``.
-ROUND_SEED_STRIDE = 65_537
-#: ``Rollout.extras`` key: each row's prompt, as an index into the stage's prompt rows.
-PROMPT_INDEX = "prompt_index"
-
-
-def groups_of(rollout: Rollout, per_group: int) -> tuple[list[int], torch.Tensor]:
-    """``(prompt index per group, scores [groups, per_group])`` of a rollout whose groups
-    are consecutive rows."""
-    indices = rollout.extras[PROMPT_INDEX][::per_group].tolist()
-    return indices, rollout.scores.detach().float().cpu().view(len(indices), per_group)
-
-
-def gather_objects(items: list[Any]) -> list[Any]:
-    """Every rank's ``items``, concatenated in rank order (one process: as they are)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return items
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
-
-
-def reduce_sum(counts: dict[str, float], device: torch.device) -> dict[str, float]:
-    """``counts`` summed over ranks (one process: as they are), with ``ranks``."""
-    values = torch.tensor([*counts.values(), 1.0], dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-    return dict(zip([*counts, "ranks"], values.tolist(), strict=True))
 
 
 def reads(component: Any, flag: str) -> bool:
@@ -224,8 +197,7 @@ class ExperienceMaker:
         or seeded passes over the prompts."""
         if self.sampler is not None:
             return list(self.sampler.draw(iteration, self.config.prompts_per_iteration, round_))
-        return schedule.iteration_prompts(num_prompts, self.config.prompts_per_iteration,
-                                          self.seed + ROUND_SEED_STRIDE * round_, iteration)
+        return schedule.round_prompts(num_prompts, self.config.prompts_per_iteration, self.seed, iteration, round_)
 
     def deferred_rows(self, total: int, batch_size: int, iteration: int, first_update: bool) -> torch.Tensor:
         """Global rows whose old log-probs the first update's forward gives (sorted)."""
@@ -253,7 +225,7 @@ class ExperienceMaker:
             rollout = self._sample(iteration, prompts, fields, local, rank * share, needed, device)
             extra: dict[str, Any] = {}
         else:
-            rollout, extra = self._sample_dynamic(iteration, prompts, fields, rank, share, needed, device)
+            rollout, extra = sample_dynamic(self, iteration, prompts, fields, rank, share, needed, device)
         if prepare is not None:
             prepare(rollout)
         rollout = gather(rollout, pad, device)
@@ -287,15 +259,19 @@ class ExperienceMaker:
         for start in range(0, len(local), per_call):
             indices = local[start:start + per_call]
             first = offset + start  # global index of the call's first prompt
-            chunk = self._draw(iteration, prompts, fields, indices, first, first, device)
+            chunk = self.sample_groups(iteration, prompts, fields, indices, first, first, device)
             rows = torch.arange(first * c.samples_per_prompt, (first + len(indices)) * c.samples_per_prompt)
-            self._forwards(chunk, needed[rows])
+            self.forwards(chunk, needed[rows])
             chunks.append(chunk)
         rollout = concat(chunks, self.policy.tokenizer.pad_token_id)
-        rollout.scores = score(self.reward, rollout, device)
+        rollout.scores = self.score(rollout, device)
         return rollout
 
-    def _draw(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], indices: list[int],
+    def score(self, rollout: Rollout, device: torch.device) -> torch.Tensor:
+        """``[B]`` the reward source's scores of ``rollout``."""
+        return score(self.reward, rollout, device)
+
+    def sample_groups(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], indices: list[int],
               seed_index: int, group_index: int, device: torch.device) -> Rollout:
         """``samples_per_prompt`` responses to each prompt of ``indices``, seeded from
         global prompt position ``seed_index``, groups numbered from ``group_index``."""
@@ -309,7 +285,7 @@ class ExperienceMaker:
         chunk.extras[PROMPT_INDEX] = torch.tensor(indices, device=device).repeat_interleave(c.samples_per_prompt)
         return chunk
 
-    def _forwards(self, rollout: Rollout, needed: torch.Tensor) -> None:
+    def forwards(self, rollout: Rollout, needed: torch.Tensor) -> None:
         """The trainer's forwards over ``rollout``: old log-probs of the ``needed`` rows
         (bool ``[B]``), and the reference's when something reads them."""
         temperature = self.config.sampling.temperature
@@ -317,73 +293,6 @@ class ExperienceMaker:
                                            needed.to(rollout.logprobs.device))
         if self.needs.reference:
             rollout.ref_logprobs = reference_logprobs(self.reference, self.policy.model, rollout, temperature)
-
-    def _sample_dynamic(self, iteration: int, prompts: Sequence[Any], fields: Sequence[dict[str, Any]], rank: int,
-                        share: int, needed: torch.Tensor, device: torch.device) -> tuple[Rollout, dict[str, float]]:
-        """DAPO's dynamic sampling on this rank: rounds of ``share`` prompts (round ``r``
-        draws from the seeded prompt order of seed + r), each group scored as it comes;
-        groups whose scores span more than the tolerance are kept (a NaN score counts as
-        spread, so ``on_nan`` still sees it) until ``share`` are, for at most
-        ``max_rounds`` rounds, then the most recent uninformative groups fill what is
-        missing. The trainer's forwards run on the kept rollout only."""
-        c, settings = self.config, self.config.dynamic_sampling
-        per_group = c.samples_per_prompt
-        kept: list[Rollout] = []
-        spare: list[Rollout] = []
-        counts = {"drawn": 0.0, "informative": 0.0, "sampled_tokens": 0.0, "rounds": 0.0}
-        observed: list[tuple[int, list[float]]] = []
-        for round_ in range(settings.max_rounds):
-            counts["rounds"] += 1
-            chosen = self.draw(len(prompts), iteration, round_)
-            local = chosen[rank * share:(rank + 1) * share]
-            per_call = c.generation_batch_size or len(local)
-            for start in range(0, len(local), per_call):
-                indices = local[start:start + per_call]
-                first = rank * share + start
-                chunk = self._draw(iteration, prompts, fields, indices, first + round_ * c.prompts_per_iteration,
-                                   0, device)
-                chunk.scores = score(self.reward, chunk, device)
-                counts["sampled_tokens"] += float(chunk.response_mask.sum())
-                spread = chunk.scores.view(len(indices), per_group)
-                spread = spread.max(dim=1).values - spread.min(dim=1).values
-                observed += [(i, row) for i, row in zip(indices, chunk.scores.view(len(indices), per_group).tolist(),
-                                                         strict=True)]
-                for g in range(len(indices)):
-                    group = chunk.select(torch.arange(g * per_group, (g + 1) * per_group))
-                    counts["drawn"] += 1
-                    if bool(spread[g] <= settings.tolerance):
-                        spare.append(group)
-                    else:
-                        counts["informative"] += 1
-                        kept.append(group)
-            if len(kept) >= share:
-                break
-        missing = max(0, share - len(kept))
-        groups = kept[:share] + spare[len(spare) - missing:]
-        rollout = concat(groups, self.policy.tokenizer.pad_token_id)
-        rollout.group = torch.arange(rank * share, (rank + 1) * share, device=device).repeat_interleave(per_group)
-        first_row = rank * share * per_group
-        per_call = (c.generation_batch_size or share) * per_group
-        if per_call >= len(rollout):
-            self._forwards(rollout, needed[first_row:first_row + len(rollout)])
-        else:
-            parts = []
-            for start in range(0, len(rollout), per_call):
-                part = rollout.select(torch.arange(start, min(start + per_call, len(rollout))))
-                self._forwards(part, needed[first_row + start:first_row + start + len(part)])
-                parts.append(part)
-            rollout = concat(parts, self.policy.tokenizer.pad_token_id)
-        counts["filled"] = float(missing)
-        totals = reduce_sum(counts, device)
-        metrics = {"dynamic/rounds": totals["rounds"] / max(1, totals["ranks"]),
-                   "dynamic/drawn_groups": totals["drawn"],
-                   "dynamic/informative_fraction": totals["informative"] / max(1.0, totals["drawn"]),
-                   "dynamic/filled_groups": totals["filled"],
-                   "sampled_tokens": totals["sampled_tokens"]}
-        if self.sampler is not None:
-            observed = gather_objects(observed)
-            metrics["drawn"] = ([i for i, _ in observed], torch.tensor([row for _, row in observed]))
-        return rollout, metrics
 
     @torch.no_grad()
     def greedy_scores(self, rollout: Rollout, device: torch.device) -> torch.Tensor:

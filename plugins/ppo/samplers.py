@@ -27,7 +27,7 @@ from rlhfkit.plugins.ppo import schedule
 
 
 class ShuffleSampler:
-    """Seeded passes over the prompts (:func:`rlhfkit.plugins.ppo.schedule.iteration_prompts`)."""
+    """Seeded passes over the prompts (:func:`rlhfkit.plugins.ppo.schedule.round_prompts`)."""
 
     def __init__(self, config: Any, context: Any = None):
         self.config = config
@@ -38,7 +38,7 @@ class ShuffleSampler:
         self.size, self.seed = len(algorithm.prompts), algorithm.seed
 
     def draw(self, iteration: int, count: int, round: int = 0) -> list[int]:
-        return schedule.iteration_prompts(self.size, count, self.seed + 65_537 * round, iteration)
+        return schedule.round_prompts(self.size, count, self.seed, iteration, round)
 
     def observe(self, indices: Sequence[int], scores: torch.Tensor) -> dict[str, float]:
         return {}

@@ -53,6 +53,15 @@ def iteration_prompts(num_prompts: int, per_iteration: int, seed: int, iteration
     return out
 
 
+#: Round ``r`` of dynamic sampling orders the prompts with the seed ``seed + r * this``.
+ROUND_SEED_STRIDE = 65_537
+
+
+def round_prompts(num_prompts: int, per_iteration: int, seed: int, iteration: int, round_: int = 0) -> list[int]:
+    """:func:`iteration_prompts` of round ``round_`` (dynamic sampling draws again)."""
+    return iteration_prompts(num_prompts, per_iteration, seed + ROUND_SEED_STRIDE * round_, iteration)
+
+
 def minibatch(num_responses: int, batch_size: int, seed: int, iteration: int, update: int, rank: int,
               world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the global minibatch ``update`` of an iteration (each epoch reshuffles
