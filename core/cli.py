@@ -1,4 +1,4 @@
-"""The ``rlhfkit`` command line: run, ablate, validate, recipes, plugins, schema."""
+"""The ``rlhfkit`` command line: run, ablate, validate, recipes, new, label, plugins, schema."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--dir", help="where to write it (default: ./rlhfkit-NAME)")
     new.add_argument("--force", action="store_true", help="write into a folder that is not empty")
 
+    label = sub.add_parser("label", add_help=False,
+                           help="rank K responses per prompt in the browser; export, agreement "
+                                "(rlhfkit label --help)")
+    label.add_argument("label_args", nargs=argparse.REMAINDER)
+
     plugins = sub.add_parser("plugins", help="list installed components with their settings")
     plugins.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
 
@@ -72,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     console = Console()
     try:
+        if args.command == "label":  # needs no plugin unless it samples from a stage
+            from rlhfkit.label.cli import main as label_main
+
+            label_main(args.label_args, console)
+            return 0
         plugins = load_plugins(block=args.block_plugin)
         if args.command == "run":
             recipe = plugins.load_recipe(args.recipe, args.overrides)

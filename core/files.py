@@ -15,17 +15,57 @@ from typing import Any
 from rlhfkit.errors import UserError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+def atomic_write_text(path: Path, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    ``durable``: also ``fsync`` the file before the rename and the folder after it, so the
+    new content survives a power cut once this returns (what a caller that confirms the
+    write to someone needs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file behind
         raise
+    if durable:
+        fsync_directory(path.parent)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make the names in ``folder`` (a file just created or renamed there) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append ``data`` (whole lines) to ``path`` and ``fsync`` it before returning. A
+    failed write (a full disk) cuts the file back to its size before, so no partial line
+    is left behind."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+    if created:
+        fsync_directory(path.parent)
 
 
 @contextmanager
