@@ -205,6 +205,7 @@ def test_items_from_a_samples_file_and_its_errors(tmp_path):
     for row, message in [({"prompt": "p", "completions": ["only one"]}, "2-9 responses"),
                          ({"completions": ["a", "b"]}, "`prompt` is missing"),
                          ({"prompt": "p", "completions": ["a", 3]}, "every completion is text"),
+                         ({"prompt": "p", "completions": ["a", " "]}, "a completion is empty"),
                          ({"prompt": "p", "completions": ["a"] * 10}, "2-9 responses")]:
         path.write_text(json.dumps({"prompt": "ok", "completions": ["a", "b"]}) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(UserError, match=message) as err:

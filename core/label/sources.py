@@ -77,6 +77,9 @@ def _item(row: Any, where: str, number: int) -> Item:
     texts = [c.get("content") if isinstance(c, dict) else c for c in completions]
     if not all(isinstance(t, str) for t in texts):
         raise UserError(f"{where}: every completion is text (or an assistant message with `content`).")
+    if not all(t.strip() for t in texts):
+        raise UserError(f"{where}: a completion is empty; the reward-model stage cannot read a ranking with an "
+                        f"empty completion, so leave it out of the row.")
     if size > MAX_TEXT or any(len(t) > MAX_TEXT for t in texts):
         raise UserError(f"{where}: a prompt or completion is over {MAX_TEXT} characters; shorten it.")
     return Item(id=str(row.get("id", f"{number:05d}")), prompt=prompt, completions=tuple(texts))
@@ -102,7 +105,8 @@ def parse_dataset_reference(text: str) -> dict[str, Any]:
 def items_from_stage(stage_dir: Path, prompts: dict[str, Any], settings: SamplingSettings,
                      plugins: Any) -> list[Item]:
     """``settings.k`` samples per prompt of the first ``settings.items`` prompts, from the
-    model ``stage_dir`` (a finished stage) exported."""
+    model ``stage_dir`` (a finished stage) exported. A prompt left with fewer than 2
+    non-empty responses (see :func:`_sample`) is left out."""
     import torch
 
     from rlhfkit.registry import ref
@@ -133,14 +137,29 @@ def items_from_stage(stage_dir: Path, prompts: dict[str, Any], settings: Samplin
     per_batch = max(1, settings.batch_size // settings.k)
     for start in range(0, len(rows), per_batch):
         chunk = rows[start:start + per_batch]
-        repeated = [p for p in chunk for _ in range(settings.k)]
-        ids, mask = policy.tokenize_prompts(repeated)
+        texts = _sample(policy, [p for p in chunk for _ in range(settings.k)], settings)
+        for j, prompt in enumerate(chunk):
+            completions = [t for t in texts[j * settings.k:(j + 1) * settings.k] if t]
+            if len(completions) >= 2:
+                items.append(Item(id=f"{start + j:05d}", completions=tuple(completions),
+                                  prompt=prompt if isinstance(prompt, str) else list(prompt)))
+    return items
+
+
+def _sample(policy: Any, prompts: list[Any], settings: SamplingSettings, redraws: int = 4) -> list[str]:
+    """One response per prompt. An empty response is drawn again, up to ``redraws`` times
+    (the `ranking` schema needs text in every completion); one still empty stays ""."""
+    texts = [""] * len(prompts)
+    todo = list(range(len(prompts)))
+    for _ in range(1 + redraws):
+        if not todo:
+            break
+        ids, mask = policy.tokenize_prompts([prompts[i] for i in todo])
         ids, mask = ids[:, -settings.max_prompt_length:], mask[:, -settings.max_prompt_length:]
         response, response_mask = policy.generate_ids(
             ids, mask, max_new_tokens=settings.max_new_tokens, do_sample=True,
             temperature=settings.temperature, top_p=settings.top_p)
-        texts = policy.decode_responses(response, response_mask)
-        for j, prompt in enumerate(chunk):
-            items.append(Item(id=f"{start + j:05d}", prompt=prompt if isinstance(prompt, str) else list(prompt),
-                              completions=tuple(t.strip() for t in texts[j * settings.k:(j + 1) * settings.k])))
-    return items
+        for i, text in zip(todo, policy.decode_responses(response, response_mask), strict=True):
+            texts[i] = text.strip()
+        todo = [i for i in todo if not texts[i]]
+    return texts
