@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 from rlhfkit.label.simulate import LabelClient
 
@@ -36,7 +37,7 @@ class Server:
         self.process: subprocess.Popen | None = None
         self.port = 0
 
-    def start(self, timeout: float = 60) -> Server:
+    def start(self, timeout: float = 60) -> Self:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.token:
             env["RLHFKIT_LABEL_TOKEN"] = self.token
@@ -67,7 +68,7 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,6 @@ import random
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from helpers import REPO, cli
