@@ -44,14 +44,16 @@ def test_a_recipe_extends_a_shipped_one_by_name(tmp_path):
     assert result.returncode == 2 and "no shipped recipe 'nope'" in result.stderr and "quickstart" in result.stderr
 
 
-def test_the_wheel_carries_the_recipes_and_builtin_extends_works_from_it(tmp_path):
+def test_the_wheel_carries_the_recipes_and_the_labelling_page_and_builtin_extends_works_from_it(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stdout + build.stderr
     wheel = next((tmp_path / "dist").glob("rlhfkit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("rlhfkit/recipes/quickstart.yaml", "rlhfkit/recipes/ablations/ppo-details.yaml",
-                 "rlhfkit/recipes/rm-static/opt-1.3b.yaml", "rlhfkit/recipes/sft.yaml"):
+                 "rlhfkit/recipes/rm-static/opt-1.3b.yaml", "rlhfkit/recipes/sft.yaml",
+                 "rlhfkit/recipes/human-feedback/round.yaml", "rlhfkit/label/static/index.html",
+                 "rlhfkit/label/static/label.js", "rlhfkit/label/static/agreement.html"):
         assert name in names, name
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

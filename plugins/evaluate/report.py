@@ -213,8 +213,12 @@ class Evaluate:
         labels = sorted(self.results, key=lambda label: order.get(label, len(order)))
         rows = [[label, *(f"{self.results[label][m]:.3f}" if m in self.results[label] else "—" for m in present)]
                 for label in labels]
-        caption = (f"{len(self.prompts)} held-out prompts, greedy answers of at most {self.config.max_new_tokens} "
-                   f"tokens; KL sampled at temperature 1; perplexity on {len(self.text)} held-out demonstrations")
+        parts = [f"{len(self.prompts)} held-out prompts, greedy answers of at most {self.config.max_new_tokens} tokens"]
+        if self.reference is not None:
+            parts.append("KL sampled at temperature 1")
+        if self.text:
+            parts.append(f"perplexity on {len(self.text)} held-out demonstrations")
+        caption = "; ".join(parts)
         tables = [{"title": self.config.title or f"{self.stage}: every model on the same prompts",
                    "columns": ["model", *(names[m] for m in present)], "rows": rows, "caption": caption}]
         if self.sample_rows:
