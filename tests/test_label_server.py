@@ -54,6 +54,7 @@ GOOD = {"labeller": "alice", "item": "00001", "tiers": [[0], [1], [2], [3]]}
     ("GET", "/nothing/here", None, {}, 404, "no such page"),
     ("GET", "/static/..%2Fsession.py", None, {}, 404, "no"),
     ("DELETE", "/api/submit", None, {}, 405, "Method Not Allowed"),
+    ("GET", "/api/agreement", None, {"Host": "rebound.example:8765"}, 421, "answers only at 127.0.0.1"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message_never_a_traceback(tmp_path, method, path, body, headers,
                                                                  status, message):

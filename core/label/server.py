@@ -60,7 +60,9 @@ def _missing_extra() -> UserError:
 
 
 def create_app(session: LabelSession, token: str | None = None) -> Any:
-    """The app serving ``session``; with ``token``, every request must carry it."""
+    """The app serving ``session``; with ``token``, every request must carry it. Without
+    one, only requests addressed to this machine's own names are answered (a web page
+    cannot reach the server through a domain name it re-points at 127.0.0.1)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -77,6 +79,9 @@ def create_app(session: LabelSession, token: str | None = None) -> Any:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
+        if token is None and not is_loopback(_host_name(request.headers.get("host", ""))):
+            return error(421, "this labelling server answers only at 127.0.0.1 or localhost; to serve a team "
+                              "network, start it with --host and --token")
         if token is not None:
             given = (request.headers.get("x-label-token") or request.cookies.get(TOKEN_COOKIE)
                      or request.query_params.get("token") or "")
@@ -178,6 +183,13 @@ def create_app(session: LabelSession, token: str | None = None) -> Any:
     return app
 
 
+def _host_name(header: str) -> str:
+    """The name in a Host header (``[::1]:8765`` -> ``::1``, ``localhost:8765`` -> ``localhost``)."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -196,8 +208,7 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str
     if not is_loopback(host) and not token:
         raise UserError(f"--host {host} would let anyone on the network label (and read the session); give a "
                         f"shared token with --token or RLHFKIT_LABEL_TOKEN, or keep the default 127.0.0.1.")
-    session = LabelSession(directory)
-    session.lock()
+    session = LabelSession(directory, lock=True)
     for line in session.repaired:
         print(f"note: {line}", file=sys.stderr, flush=True)
     app = create_app(session, token)

@@ -109,10 +109,12 @@ class LabelSession:
     """An open session: the items, every judgement in memory, and the files they go to.
 
     Thread-safe: one lock serialises every read and write, so concurrent labellers never
-    overwrite each other. One process per session: :meth:`lock` takes an OS lock.
+    overwrite each other. One writer per session: ``lock=True`` (the server) takes the
+    session's OS lock before reading, and only then cuts off a line a kill left unfinished;
+    a reader (export, agreement) leaves the files as they are and ignores such a line.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, lock: bool = False):
         self.directory = Path(directory)
         self.meta = _read_meta(self.directory)
         self.seed = int(self.meta.get("seed", 0))
@@ -121,7 +123,10 @@ class LabelSession:
         self.by_id = {item.id: item for item in self.items}
         self._mutex = threading.Lock()
         self._lock_handle: Any = None
+        self._orders: dict[str, list[Item]] = {}
         self.repaired: list[str] = []
+        if lock:
+            self._lock()
         #: every judgement in file order: rankings and unranked rows, each with "file"
         self.entries: list[dict[str, Any]] = []
         for name in (RANKINGS_FILE, UNRANKED_FILE):
@@ -131,7 +136,7 @@ class LabelSession:
         self._seq = max((row.get("seq", 0) for row in self.entries), default=0)
 
     # ------------------------------------------------------------------ the files
-    def lock(self) -> None:
+    def _lock(self) -> None:
         """Take the session's OS lock (released when the process ends, however it ends)."""
         import fcntl
 
@@ -151,13 +156,14 @@ class LabelSession:
             return []
         raw = path.read_bytes()
         if raw and not raw.endswith(b"\n"):
-            # a line cut short by a kill during its write: never confirmed, so dropped
+            # a line cut short by a kill during its write: never confirmed, so dropped (by
+            # the writer; a reader may be looking at an append under way, and only skips it)
             keep = raw.rfind(b"\n") + 1
-            with open(path, "r+b") as handle:
-                handle.truncate(keep)
-                handle.flush()
-            self.repaired.append(f"{path}: dropped an unfinished last line ({len(raw) - keep} bytes) that was "
-                                 f"never confirmed")
+            if self._lock_handle is not None:
+                with open(path, "r+b") as handle:
+                    handle.truncate(keep)
+                self.repaired.append(f"{path}: dropped an unfinished last line ({len(raw) - keep} bytes) that "
+                                     f"was never confirmed")
             raw = raw[:keep]
         rows = []
         for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
@@ -176,7 +182,9 @@ class LabelSession:
     # ------------------------------------------------------------------ reading
     def order(self, labeller: str) -> list[Item]:
         """The items in ``labeller``'s own order (fixed by the session seed and the name)."""
-        return sorted(self.items, key=lambda item: _order_key(self.seed, labeller, item.id))
+        if labeller not in self._orders:
+            self._orders[labeller] = sorted(self.items, key=lambda item: _order_key(self.seed, labeller, item.id))
+        return self._orders[labeller]
 
     def shown_order(self, labeller: str, item: Item) -> list[int]:
         """The order ``labeller`` sees ``item``'s completions in (same on every reload)."""
