@@ -252,20 +252,26 @@ function tiersInOrder() {
   return used.map(t => [...state.tier].filter(([, v]) => v === t).map(([i]) => i).sort((a, b) => a - b));
 }
 
-async function send(path, body, done) {
-  if (state.busy) return;
+async function whileBusy(work) {
+  if (state.busy) return;  // one request at a time: a double Enter sends one submission
   state.busy = true;
   setButtons();
   try {
-    const data = await api("POST", path, body);
-    notice(done(data), "ok");
-    await loadNext();
+    await work();
   } catch (err) {
     notice(err.message, "error");
   } finally {
     state.busy = false;
     setButtons();
   }
+}
+
+function send(path, body, done) {
+  return whileBusy(async () => {
+    const data = await api("POST", path, body);
+    notice(done(data), "ok");
+    await loadNext();
+  });
 }
 
 function submit() {
@@ -287,20 +293,12 @@ function skip() {
        () => "skipped");
 }
 
-async function undo() {
-  if (state.busy) return;
-  state.busy = true;
-  setButtons();
-  try {
+function undo() {
+  return whileBusy(async () => {
     const data = await api("POST", "/api/undo", {labeller: state.labeller});
     show(data.item, data.progress);
     notice("your last submission was taken back: change it and submit again", "ok");
-  } catch (err) {
-    notice(err.message, "error");
-  } finally {
-    state.busy = false;
-    setButtons();
-  }
+  });
 }
 
 function tieAll() {
