@@ -70,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "label":  # its own parser: options before the session (--help) land in `unknown`
+        args.label_args = [*unknown, *args.label_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in ("run", "ablate"):
         # MKL may pick kernels by memory alignment, which differs between processes: strict
         # conditional reproducibility keeps a resumed run bit-identical (set before MKL starts)

@@ -229,6 +229,7 @@ def test_cli_errors_say_what_to_do_and_exit_2(tmp_path):
         (["label", str(tmp_path / "s"), "--from-stage", str(tmp_path), "--prompts", "{name: builtin}"],
          "has not finished"),
         (["label", str(tmp_path / "s"), "--samples", str(samples), "--flags", "Bad Flag"], "flags"),
+        (["label", str(tmp_path / "s"), "--port", "99999"], "not a TCP port"),
     ]
     for args, message in cases:
         result = cli(*args)
@@ -239,3 +240,5 @@ def test_cli_errors_say_what_to_do_and_exit_2(tmp_path):
     assert again.returncode == 2 and "already holds a labelling session" in again.stderr
     exposed = cli("label", str(tmp_path / "s"), "--host", "0.0.0.0")
     assert exposed.returncode == 2 and "--token" in exposed.stderr
+    helped = cli("label", "--help")
+    assert helped.returncode == 0 and "--from-stage" in helped.stdout

@@ -68,6 +68,8 @@ def main(argv: Sequence[str], console: Console) -> None:
         return agreement(argv[1:], console)
     args = _serve_parser().parse_args(argv)
     directory = Path(args.session)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a TCP port; give 1-65535, or 0 for a free one.")
     if args.samples and args.from_stage:
         raise UserError("give one source of items: --samples FILE or --from-stage RUN/STAGE, not both.")
     if args.samples or args.from_stage:
