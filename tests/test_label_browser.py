@@ -93,8 +93,10 @@ def log_in(driver, url: str, name: str) -> None:
     driver.get(url + "/")
     driver.execute_script("localStorage.clear()")
     driver.get(url + "/")
+    field = WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "name-input").is_displayed()
+                                            and d.find_element(By.ID, "name-input"))
     shot(driver, "1-name")
-    driver.find_element(By.ID, "name-input").send_keys(name, Keys.ENTER)
+    field.send_keys(name, Keys.ENTER)
     wait_text(driver, "progress-text", f"0 / {len(SAMPLE_ROWS)} done")
 
 

@@ -12,7 +12,8 @@ from helpers import cli
 
 import rlhfkit
 from rlhfkit.errors import UserError
-from rlhfkit.label.session import Item, LabelRequestError, LabelSession, create_session
+from rlhfkit.label.folder import Item, create_session
+from rlhfkit.label.session import LabelRequestError, LabelSession
 from rlhfkit.label.simulate import tiers_from_scores
 from rlhfkit.label.sources import items_from_file
 from rlhfkit.registry import ref
@@ -242,3 +243,31 @@ def test_cli_errors_say_what_to_do_and_exit_2(tmp_path):
     assert exposed.returncode == 2 and "--token" in exposed.stderr
     helped = cli("label", "--help")
     assert helped.returncode == 0 and "--from-stage" in helped.stdout
+
+
+def test_a_full_disk_leaves_no_partial_line_and_the_next_submission_works(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from rlhfkit.rundir import is_disk_full
+
+    s = session(tmp_path)
+    s.submit("alice", "p0", [[0], [1], [2], [3]])
+    path = tmp_path / "s" / "rankings.jsonl"
+    before = path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if b'"labeller"' in bytes(data):  # the judgement's line: half of it lands, then the disk is full
+            real_write(fd, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError) as err:
+        s.submit("alice", "p1", [[0], [1], [2], [3]])
+    monkeypatch.undo()
+    assert is_disk_full(err.value)  # the server answers 507 "NOT saved" for it
+    assert path.read_bytes() == before and s.progress("alice")["done"] == 1
+    s.submit("alice", "p1", [[0], [1], [2], [3]])
+    assert len(lines(path)) == 2 and len(LabelSession(tmp_path / "s").entries) == 2

@@ -20,13 +20,8 @@ from rich.table import Table
 
 from rlhfkit.errors import UserError
 from rlhfkit.files import atomic_write_text
-from rlhfkit.label.session import (
-    DEFAULT_FLAGS,
-    SESSION_FILE,
-    LabelSession,
-    check_new_session,
-    create_session,
-)
+from rlhfkit.label.folder import DEFAULT_FLAGS, SESSION_FILE, check_new_session, create_session
+from rlhfkit.label.session import LabelSession
 
 TOKEN_ENV = "RLHFKIT_LABEL_TOKEN"
 
@@ -86,7 +81,7 @@ def main(argv: Sequence[str], console: Console) -> None:
 
 
 def _create(args: argparse.Namespace, directory: Path, console: Console) -> None:
-    from rlhfkit.label.session import MAX_COMPLETIONS, check_flags
+    from rlhfkit.label.folder import MAX_COMPLETIONS, check_flags
     from rlhfkit.label.sources import (
         SamplingSettings,
         items_from_file,

@@ -1,6 +1,6 @@
 """A labelling session on disk: the items to rank and every judgement made on them.
 
-A session is a folder::
+A session is a folder (:mod:`rlhfkit.label.folder`)::
 
     session.json      what the session is: seed, flags, where the items came from
     items.jsonl       one item per line: id, prompt, completions (K of them)
@@ -25,25 +25,28 @@ import json
 import random
 import re
 import threading
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import UserError
-from rlhfkit.files import append_durably, atomic_directory, atomic_write_text, fsync_directory
+from rlhfkit.files import append_durably, atomic_write_text
+from rlhfkit.label.agreement import pairwise_agreement
+from rlhfkit.label.folder import (
+    DEFAULT_FLAGS,
+    ITEMS_FILE,
+    LOCK_FILE,
+    RANKINGS_FILE,
+    UNRANKED_FILE,
+    Item,
+    check_flags,
+    now,
+    read_items,
+    read_meta,
+)
 
-SESSION_FILE = "session.json"
-ITEMS_FILE = "items.jsonl"
-RANKINGS_FILE = "rankings.jsonl"
-UNRANKED_FILE = "unranked.jsonl"
-LOCK_FILE = ".label.lock"
-DEFAULT_FLAGS = ("harmful", "false", "off-topic")
-MAX_COMPLETIONS = 9  # keys 1-9 place a completion in a tier
 _LABELLER = re.compile(r"^\w[\w .@-]{0,39}$")
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_FLAG = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 
 
 class LabelRequestError(UserError):
@@ -52,53 +55,6 @@ class LabelRequestError(UserError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    prompt: Any  # text, or a list of {role, content} messages
-    completions: tuple[str, ...]
-
-
-def check_flags(flags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    bad = [f for f in flags if not _FLAG.match(f)]
-    if bad or len(set(flags)) != len(flags) or len(flags) > 6:
-        raise UserError(f"flags {list(flags)}: give up to 6 distinct names of lower-case letters, digits and "
-                        f"dashes, e.g. harmful,false,off-topic")
-    return tuple(flags)
-
-
-def create_session(directory: Path, items: list[Item], *, seed: int = 0,
-                   flags: tuple[str, ...] = DEFAULT_FLAGS, source: dict[str, Any] | None = None) -> None:
-    """Write a new session folder with ``items`` (atomically: it exists whole or not at all)."""
-    check_new_session(directory)
-    if not items:
-        raise UserError("the session would have no items; the source gave no prompt with 2 or more completions.")
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        raise UserError("two items share an id; give every item its own `id`, or none.")
-    meta = {"version": 1, "seed": seed, "flags": list(check_flags(flags)), "items": len(items),
-            "created": _now(), "source": source or {}}
-    with atomic_directory(directory) as staging:
-        (staging / ITEMS_FILE).write_text("".join(
-            json.dumps({"id": i.id, "prompt": i.prompt, "completions": list(i.completions)}) + "\n"
-            for i in items), encoding="utf-8")
-        (staging / SESSION_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    fsync_directory(directory)
-
-
-def check_new_session(directory: Path) -> None:
-    """Refuse to create a session where one (or anything else) already is."""
-    if (directory / SESSION_FILE).exists():
-        raise UserError(f"{directory} already holds a labelling session; open it without a source "
-                        f"(--samples/--from-stage) to go on labelling, or give a new folder.")
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise UserError(f"{directory} exists and is not an empty folder; give a new folder for the session.")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _order_key(*parts: object) -> str:
@@ -116,10 +72,10 @@ class LabelSession:
 
     def __init__(self, directory: Path, lock: bool = False):
         self.directory = Path(directory)
-        self.meta = _read_meta(self.directory)
+        self.meta = read_meta(self.directory)
         self.seed = int(self.meta.get("seed", 0))
         self.flags = check_flags(self.meta.get("flags", list(DEFAULT_FLAGS)))
-        self.items = _read_items(self.directory / ITEMS_FILE)
+        self.items = read_items(self.directory / ITEMS_FILE)
         self.by_id = {item.id: item for item in self.items}
         self._mutex = threading.Lock()
         self._lock_handle: Any = None
@@ -290,7 +246,7 @@ class LabelSession:
             if item.id in done:
                 raise LabelRequestError(409, f"{labeller} already judged item {item.id}; undo it first to change it")
             self._seq += 1
-            row = row | {"labeller": labeller, "time": _now(), "item": item.id,
+            row = row | {"labeller": labeller, "time": now(), "item": item.id,
                          "id": submission or uuid.uuid4().hex, "seq": self._seq}
             if seconds is not None:
                 row["seconds"] = round(float(seconds), 2)
@@ -328,38 +284,14 @@ class LabelSession:
 
     # ------------------------------------------------------------------ results
     def agreement(self) -> dict[str, Any]:
-        """Pairwise agreement between labellers on the items both ranked (ties included;
-        skips left out). For two labellers, over every pair of completions of their common
-        items: ``agreement`` is the share on which they say the same (better, worse or
-        tied), ``strict`` the same among pairs both call strict (direction only)."""
+        """Pairwise agreement between labellers on the items both ranked, ties included and
+        skips left out (:func:`~rlhfkit.label.agreement.pairwise_agreement`)."""
         with self._mutex:
             ranked: dict[str, dict[str, list[int]]] = {}
             for row in self.entries:
                 if row.get("reason") != "skip":
                     ranked.setdefault(row["labeller"], {})[row["item"]] = row["ranks"]
-        names = sorted(ranked)
-        pairs = []
-        total_same = total_pairs = 0
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                common = sorted(set(ranked[a]) & set(ranked[b]))
-                same = strict_same = strict = count = 0
-                for item in common:
-                    ra, rb = ranked[a][item], ranked[b][item]
-                    for x in range(len(ra)):
-                        for y in range(x + 1, len(ra)):
-                            sa, sb = _sign(ra[x] - ra[y]), _sign(rb[x] - rb[y])
-                            count += 1
-                            same += sa == sb
-                            if sa and sb:
-                                strict += 1
-                                strict_same += sa == sb
-                total_same, total_pairs = total_same + same, total_pairs + count
-                pairs.append({"a": a, "b": b, "items": len(common), "pairs": count,
-                              "agreement": same / count if count else None,
-                              "strict": strict_same / strict if strict else None})
-        return {"labellers": [{"name": n, "ranked": len(ranked[n])} for n in names], "pairs": pairs,
-                "overall": total_same / total_pairs if total_pairs else None}
+        return pairwise_agreement(ranked)
 
     def rankings(self, labellers: list[str] | None = None, drop_flags: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         """The ranking rows (in the ``ranking`` schema), optionally only ``labellers``'
@@ -371,10 +303,6 @@ class LabelSession:
                 and not any(flag in drop_flags for flags in row.get("flags", []) for flag in flags)]
 
 
-def _sign(value: int) -> int:
-    return (value > 0) - (value < 0)
-
-
 def _tiers_of(ranks: list[int]) -> list[list[int]]:
     return [[i for i, r in enumerate(ranks) if r == rank] for rank in sorted(set(ranks))]
 
@@ -384,33 +312,3 @@ def check_labeller(name: Any) -> str:
         raise LabelRequestError(400, "a labeller name is 1-40 letters, digits, spaces, '.', '@', '-' or '_', "
                                      "starting with a letter or digit")
     return name.strip()
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    path = directory / SESSION_FILE
-    if not path.is_file():
-        raise UserError(f"{directory} is not a labelling session (no {SESSION_FILE}); create one with "
-                        f"`rlhfkit label {directory} --samples FILE` or `--from-stage RUN/STAGE`.")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is damaged (not JSON); it is written once when the session is created.") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is damaged (not a JSON object).")
-    return meta
-
-
-def _read_items(path: Path) -> list[Item]:
-    items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the session's items {path}: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            items.append(Item(id=str(row["id"]), prompt=row["prompt"], completions=tuple(row["completions"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path} line {number} is damaged; it is written once when the session is "
-                            f"created.") from None
-    return items

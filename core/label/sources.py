@@ -12,7 +12,7 @@ import yaml
 
 from rlhfkit.errors import UserError
 from rlhfkit.files import decode_utf8
-from rlhfkit.label.session import MAX_COMPLETIONS, Item
+from rlhfkit.label.folder import MAX_COMPLETIONS, Item
 
 MAX_TEXT = 20_000  # characters of one prompt or completion
 

@@ -353,7 +353,7 @@ function login() {
   $("name-input").focus();
 }
 
-window.addEventListener("DOMContentLoaded", async () => {
+window.addEventListener("DOMContentLoaded", () => {
   $("submit").addEventListener("click", submit);
   $("skip").addEventListener("click", skip);
   $("undo").addEventListener("click", undo);
@@ -366,13 +366,10 @@ window.addEventListener("DOMContentLoaded", async () => {
     const name = $("name-input").value.trim();
     if (name) start(name);
   });
-  try {
-    const session = await api("GET", "/api/session");
-    $("session-name").textContent = `${session.name} · ${session.items} items`;
-  } catch (err) {
-    notice(err.message, "error");
-  }
   const fromAddress = new URLSearchParams(location.search).get("labeller");
   const name = fromAddress || localStorage.getItem(NAME_KEY);
   if (name) start(name); else login();
+  api("GET", "/api/session")
+    .then(session => { $("session-name").textContent = `${session.name} · ${session.items} items`; })
+    .catch(err => notice(err.message, "error"));
 });
