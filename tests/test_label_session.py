@@ -139,6 +139,11 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_a_damaged_line_is_an_error(tm
     path.write_bytes(b"not json\n" + whole)
     with pytest.raises(UserError, match=r"rankings.jsonl line 1 is not JSON"):
         LabelSession(tmp_path / "s")
+    edited = json.loads(whole)
+    del edited["ranks"]  # a hand-edited row the agreement view and undo could not use
+    path.write_text(json.dumps(edited) + "\n")
+    with pytest.raises(UserError, match=r"rankings.jsonl line 1 is not a judgement of this session"):
+        LabelSession(tmp_path / "s")
 
 
 def test_one_server_per_session(tmp_path):

@@ -66,7 +66,7 @@ def create_app(session: LabelSession, token: str | None = None) -> Any:
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+        from fastapi.responses import JSONResponse, RedirectResponse, Response
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError:
         raise _missing_extra() from None
@@ -131,25 +131,27 @@ def create_app(session: LabelSession, token: str | None = None) -> Any:
         log.exception("error serving %s", request.url.path)
         return error(500, "the server failed on this request and saved nothing for it; see its log")
 
-    def page(name: str) -> Any:
-        return FileResponse(str(static / name), media_type="text/html")
+    kinds = {"index.html": "text/html", "agreement.html": "text/html", "label.js": "text/javascript",
+             "label.css": "text/css", "agreement.js": "text/javascript"}
+
+    def static_file(name: str) -> Any:
+        return Response((static / name).read_bytes(), media_type=kinds[name])
 
     @app.get("/")
     def index(request: Request) -> Any:
         if token is not None and request.query_params.get("token"):
             return RedirectResponse("/", status_code=303)  # the token leaves the address bar
-        return page("index.html")
+        return static_file("index.html")
 
     @app.get("/agreement")
     def agreement_page() -> Any:
-        return page("agreement.html")
+        return static_file("agreement.html")
 
     @app.get("/static/{name}")
     def asset(name: str) -> Any:
-        kinds = {"label.js": "text/javascript", "label.css": "text/css", "agreement.js": "text/javascript"}
-        if name not in kinds:
+        if name not in kinds or name.endswith(".html"):
             return error(404, f"no file {name[:40]!r}")
-        return Response((static / name).read_bytes(), media_type=kinds[name])
+        return static_file(name)
 
     @app.get("/api/session")
     def describe() -> Any:

@@ -83,12 +83,10 @@ class LabelSession:
         self.repaired: list[str] = []
         if lock:
             self._lock()
-        #: every judgement in file order: rankings and unranked rows, each with "file"
-        self.entries: list[dict[str, Any]] = []
-        for name in (RANKINGS_FILE, UNRANKED_FILE):
-            for row in self._read_log(name):
-                self.entries.append(row | {"file": name})
-        self.entries.sort(key=lambda row: (row.get("seq", 0)))
+        #: every judgement, rankings and unranked rows together, in the order they were made
+        self.entries: list[dict[str, Any]] = [row for name in (RANKINGS_FILE, UNRANKED_FILE)
+                                              for row in self._read_log(name)]
+        self.entries.sort(key=lambda row: row.get("seq", 0))
         self._seq = max((row.get("seq", 0) for row in self.entries), default=0)
 
     # ------------------------------------------------------------------ the files
@@ -128,10 +126,10 @@ class LabelSession:
             except json.JSONDecodeError:
                 raise UserError(f"{path} line {number} is not JSON; the file was edited or damaged. Fix or "
                                 f"delete that line, then start the server again.") from None
-            if not isinstance(row, dict) or row.get("item") not in self.by_id or not row.get("labeller") \
-                    or not isinstance(row.get("ranks", []), list):
-                raise UserError(f"{path} line {number} is not a judgement of this session (it needs item, "
-                                f"labeller and ranks, and its item must be in {ITEMS_FILE}); fix or delete it.")
+            if not _is_judgement(row, self.by_id):
+                raise UserError(f"{path} line {number} is not a judgement of this session (it needs id, item, "
+                                f"labeller and, unless skipped, one rank per completion; its item must be in "
+                                f"{ITEMS_FILE}); fix or delete it.")
             rows.append(row)
         return rows
 
@@ -223,7 +221,8 @@ class LabelSession:
                 raise LabelRequestError(409, f"{labeller} has nothing to undo")
             last = mine[-1]
             kept = [row for row in self.entries if row is not last]
-            self._rewrite(last["file"], [row for row in kept if row["file"] == last["file"]])
+            name = _file_of(last)
+            self._rewrite(name, [row for row in kept if _file_of(row) == name])
             self.entries = kept
             item = self.by_id[last["item"]]
             return {"item": self.view(labeller, item, previous=last),
@@ -252,17 +251,16 @@ class LabelSession:
                 row["seconds"] = round(float(seconds), 2)
             if "ranks" in row:
                 row["shown"] = self.shown_order(labeller, item)
-            name = RANKINGS_FILE if "reason" not in row else UNRANKED_FILE
-            append_durably(self.directory / name, (json.dumps(row) + "\n").encode("utf-8"))
-            self.entries.append(row | {"file": name})
-            return self._receipt(self.entries[-1])
+            append_durably(self.directory / _file_of(row), (json.dumps(row) + "\n").encode("utf-8"))
+            self.entries.append(row)
+            return self._receipt(row)
 
     def _receipt(self, row: dict[str, Any], duplicate: bool = False) -> dict[str, Any]:
         done = self._done(row["labeller"])
-        return {"saved": row["id"], "file": row["file"], "duplicate": duplicate, "progress": self._progress(done)}
+        return {"saved": row["id"], "file": _file_of(row), "duplicate": duplicate, "progress": self._progress(done)}
 
     def _rewrite(self, name: str, rows: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps({k: v for k, v in row.items() if k != "file"}) + "\n" for row in rows)
+        text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write_text(self.directory / name, text, durable=True)
 
     def _item(self, item_id: Any) -> Item:
@@ -297,10 +295,27 @@ class LabelSession:
         """The ranking rows (in the ``ranking`` schema), optionally only ``labellers``'
         and without rows where any completion has one of ``drop_flags``."""
         with self._mutex:
-            rows = [row for row in self.entries if row["file"] == RANKINGS_FILE]
-        return [{k: v for k, v in row.items() if k not in ("file", "seq")} for row in rows
+            rows = [row for row in self.entries if _file_of(row) == RANKINGS_FILE]
+        return [{k: v for k, v in row.items() if k != "seq"} for row in rows
                 if (labellers is None or row["labeller"] in labellers)
                 and not any(flag in drop_flags for flags in row.get("flags", []) for flag in flags)]
+
+
+def _file_of(row: dict[str, Any]) -> str:
+    """Where a judgement is kept: rankings in the ranking file, skips and all-tied ones
+    (which carry a ``reason``) in the other."""
+    return UNRANKED_FILE if "reason" in row else RANKINGS_FILE
+
+
+def _is_judgement(row: Any, items: dict[str, Item]) -> bool:
+    if not isinstance(row, dict) or row.get("item") not in items or not isinstance(row.get("id"), str) \
+            or not isinstance(row.get("labeller"), str):
+        return False
+    ranks = row.get("ranks")
+    if row.get("reason") == "skip" and ranks is None:
+        return True
+    return isinstance(ranks, list) and len(ranks) == len(items[row["item"]].completions) \
+        and all(type(r) is int and r >= 0 for r in ranks)
 
 
 def _tiers_of(ranks: list[int]) -> list[list[int]]:
